@@ -1,0 +1,114 @@
+"""Triton helpers shared by the fused ops: the random stream and fp32 -> storage rounding.
+
+Not an op itself. The stream is the one specified in ``lorasc_fast.stream``: element
+``e = global_row * ncols + col`` takes word ``philox(seed, (e // 4) lo, (e // 4) hi, 0, 0)[e % 4]``.
+
+Storage kinds (``W_KIND``): 0 fp32, 1 fp16, 2 bf16. bf16 tensors are passed to the
+kernels as their int16 bit pattern and converted with integer arithmetic, so the
+rounding is exactly round-to-nearest-even both on the GPU and in Triton's
+interpreter (whose own fp32 -> bf16 cast truncates).
+"""
+import triton
+import triton.language as tl
+
+KIND_FP32: tl.constexpr = 0
+KIND_FP16: tl.constexpr = 1
+KIND_BF16: tl.constexpr = 2
+
+
+@triton.jit
+def _philox_groups(seed, g):
+    """The four words of Philox group ``g`` (an int64 tensor)."""
+    g_lo = (g & 0xFFFFFFFF).to(tl.uint32)
+    g_hi = (g >> 32).to(tl.uint32)
+    zero = g_lo * 0
+    return tl.philox(seed, g_lo, g_hi, zero, zero)
+
+
+@triton.jit
+def stream_words(seed, rows, col0, cols, ncols, ALIGNED4: tl.constexpr):
+    """uint32 words of a [len(rows), len(cols)] tile; ``rows`` are global int64 row indices.
+
+    With ``ALIGNED4`` (``ncols % 4 == 0``, ``cols == col0 + arange(BN)`` with ``col0`` a
+    multiple of 4 and ``BN`` a multiple of 4) each Philox call serves four consecutive
+    elements; otherwise each element computes its group's four words and keeps one.
+    """
+    BM: tl.constexpr = rows.shape[0]
+    BN: tl.constexpr = cols.shape[0]
+    if ALIGNED4:
+        g0 = (rows * ncols + col0) // 4
+        g = g0[:, None] + tl.arange(0, BN // 4)[None, :].to(tl.int64)
+        c0, c1, c2, c3 = _philox_groups(seed, g)
+        w = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BM, BN])
+    else:
+        e = rows[:, None] * ncols + cols[None, :].to(tl.int64)
+        c0, c1, c2, c3 = _philox_groups(seed, e // 4)
+        lane = e % 4
+        w = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+    return w
+
+
+@triton.jit
+def noise_from_words(w, noise):
+    """fp32 ``noise * (U - 0.5)`` with ``U = ((w >> 16) + 0.5) / 2**16``."""
+    hi = (w >> 16).to(tl.float32)
+    return ((hi - 32767.5) * (1.0 / 65536.0)) * noise
+
+
+@triton.jit
+def load_f32(ptrs, mask, KIND: tl.constexpr):
+    """Load a tile stored as ``KIND`` (bf16 as int16 bits) and widen it to fp32 exactly."""
+    if KIND == 2:
+        bits = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+        return (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _bf16_nearest_bits(v):
+    u = v.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where(v != v, 0x7FC0, r)
+    return r.to(tl.int16)
+
+
+@triton.jit
+def _bf16_stochastic_bits(v, frac16):
+    u = v.to(tl.uint32, bitcast=True)
+    r = (u + frac16) >> 16
+    r = tl.where(v != v, 0x7FC0, r)
+    return r.to(tl.int16)
+
+
+@triton.jit
+def _fp16_stochastic(v, frac16):
+    # ulp of fp16 at |v|: 2**(max(floor(log2|v|), -14) - 10), built from exponent bits;
+    # v * (1 / ulp) is exact, and the comparison rounds up with probability frac.
+    ebits = ((v.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    ulp_exp = tl.maximum(ebits - 127, -14) - 10
+    ulp = ((ulp_exp + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((127 - ulp_exp) << 23).to(tl.float32, bitcast=True)
+    q = v * inv_ulp
+    down = tl.floor(q)
+    up = (frac16.to(tl.float32) * (1.0 / 65536.0)) < (q - down)
+    out = (down + up.to(tl.float32)) * ulp
+    out = tl.where((v - v) == 0.0, out, v)  # keep inf and nan
+    return out.to(tl.float16)
+
+
+@triton.jit
+def store_rounded(ptrs, v, mask, words, KIND: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Store fp32 ``v`` as ``KIND``: round-to-nearest-even, or stochastic with ``words & 0xFFFF``."""
+    if KIND == 0:
+        tl.store(ptrs, v, mask=mask)
+    elif KIND == 1:
+        if STOCHASTIC:
+            tl.store(ptrs, _fp16_stochastic(v, words & 0xFFFF), mask=mask)
+        else:
+            tl.store(ptrs, v.to(tl.float16), mask=mask)
+    else:
+        if STOCHASTIC:
+            tl.store(ptrs, _bf16_stochastic_bits(v, words & 0xFFFF), mask=mask)
+        else:
+            tl.store(ptrs, _bf16_nearest_bits(v), mask=mask)

@@ -1,0 +1,99 @@
+"""Mean and std of ``scale * B @ A`` from r x r Gram matrices, never forming B @ A.
+
+With ``M = s B A`` (B: out x r, A: r x in, N = out * in elements):
+``sum(M) = s * sum_k (1^T B)_k (A 1)_k`` and ``||M||_F^2 = s^2 * sum((B^T B) * (A A^T))``.
+
+``gram_partial_kernel``: program p reduces a chunk of A's columns (first SPLIT_A
+programs) or of B's rows (the rest) into a partial Gram (R_PAD x R_PAD) and a partial
+sum vector (R_PAD), written to a small fp32 workspace. With ``EMA`` the factors are
+taken as ``alpha * slow + (1 - alpha) * fast`` on the fly (nothing is written).
+``moments_finalize_kernel`` (one program) adds the partials in fp64 and writes
+``[mean, std]`` (unbiased std) as fp32.
+
+Bytes read: the factors once (twice with EMA). Extra memory: the workspace,
+(SPLIT_A + SPLIT_B) * (R_PAD**2 + R_PAD) * 4 bytes, capped by the caller.
+"""
+import triton
+import triton.language as tl
+
+from .common import load_f32
+
+
+@triton.jit
+def _factor_tile(S, F, s_offs, f_offs, mask, alpha, EMA: tl.constexpr,
+                 S_KIND: tl.constexpr, F_KIND: tl.constexpr):
+    """A factor tile in fp32; with ``EMA``, ``alpha * slow + (1 - alpha) * fast``."""
+    t = load_f32(S + s_offs, mask, S_KIND)
+    if EMA:
+        t = alpha * t + (1.0 - alpha) * load_f32(F + f_offs, mask, F_KIND)
+    return t
+
+
+@triton.jit
+def gram_partial_kernel(
+    A_s, A_f, B_s, B_f, WS, R, IN, OUT,
+    stride_ak, stride_aj, stride_afk, stride_afj,
+    stride_bi, stride_bk, stride_bfi, stride_bfk,
+    alpha, SPLIT_A, CHUNK_A, CHUNK_B,
+    EMA: tl.constexpr, A_KIND: tl.constexpr, AF_KIND: tl.constexpr,
+    B_KIND: tl.constexpr, BF_KIND: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    k = tl.arange(0, R_PAD)
+    k_ok = k < R
+    gram = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+    sums = tl.zeros((R_PAD,), dtype=tl.float32)
+    if pid < SPLIT_A:
+        start = pid * CHUNK_A
+        stop = tl.minimum(start + CHUNK_A, IN)
+        for j0 in range(start, stop, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            mask = (j[:, None] < stop) & k_ok[None, :]
+            jj = j[:, None].to(tl.int64)
+            # tile of A^T: BLOCK x R_PAD
+            t = _factor_tile(A_s, A_f, jj * stride_aj + k[None, :] * stride_ak,
+                             jj * stride_afj + k[None, :] * stride_afk, mask, alpha,
+                             EMA, A_KIND, AF_KIND)
+            gram += tl.dot(tl.trans(t), t, input_precision="ieee")
+            sums += tl.sum(t, axis=0)
+    else:
+        start = (pid - SPLIT_A) * CHUNK_B
+        stop = tl.minimum(start + CHUNK_B, OUT)
+        for i0 in range(start, stop, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            mask = (i[:, None] < stop) & k_ok[None, :]
+            ii = i[:, None].to(tl.int64)
+            t = _factor_tile(B_s, B_f, ii * stride_bi + k[None, :] * stride_bk,
+                             ii * stride_bfi + k[None, :] * stride_bfk, mask, alpha,
+                             EMA, B_KIND, BF_KIND)
+            gram += tl.dot(tl.trans(t), t, input_precision="ieee")
+            sums += tl.sum(t, axis=0)
+    base = WS + pid * (R_PAD * R_PAD + R_PAD)
+    tl.store(base + k[:, None] * R_PAD + k[None, :], gram)
+    tl.store(base + R_PAD * R_PAD + k, sums)
+
+
+@triton.jit
+def moments_finalize_kernel(WS, OUT_PTR, SPLIT_A, SPLIT_B, numel, scale, R_PAD: tl.constexpr):
+    k = tl.arange(0, R_PAD)
+    g_idx = k[:, None] * R_PAD + k[None, :]
+    STRIDE: tl.constexpr = R_PAD * R_PAD + R_PAD
+    ga = tl.zeros((R_PAD, R_PAD), dtype=tl.float64)
+    sa = tl.zeros((R_PAD,), dtype=tl.float64)
+    for p in range(0, SPLIT_A):
+        ga += tl.load(WS + p * STRIDE + g_idx).to(tl.float64)
+        sa += tl.load(WS + p * STRIDE + R_PAD * R_PAD + k).to(tl.float64)
+    gb = tl.zeros((R_PAD, R_PAD), dtype=tl.float64)
+    sb = tl.zeros((R_PAD,), dtype=tl.float64)
+    for p in range(SPLIT_A, SPLIT_A + SPLIT_B):
+        gb += tl.load(WS + p * STRIDE + g_idx).to(tl.float64)
+        sb += tl.load(WS + p * STRIDE + R_PAD * R_PAD + k).to(tl.float64)
+    s = tl.cast(scale, tl.float64)
+    n = tl.cast(numel, tl.float64)
+    total = tl.sum(sa * sb, axis=0) * s
+    sumsq = tl.sum(tl.sum(ga * gb, axis=1), axis=0) * s * s
+    mean = total / n
+    var = tl.maximum(sumsq - total * mean, 0.0) / tl.maximum(n - 1.0, 1.0)
+    tl.store(OUT_PTR, mean.to(tl.float32))
+    tl.store(OUT_PTR + 1, tl.sqrt(var).to(tl.float32))

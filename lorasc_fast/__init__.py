@@ -1,0 +1,29 @@
+"""lorasc-fast: LoRA Slow Cascade learning with fused Triton kernels for PyTorch + PEFT.
+
+The fused in-place ops (``merge_``, ``add_noise_``, ``ema_``, ``cascade_merge_``,
+``lowrank_moments``) are imported eagerly; the training-side API (``LoRASC``,
+``cascade_schedule``, ``LoRASCCallback``, ``patch_peft``) is imported on first use so that
+``import lorasc_fast`` does not pull in transformers.
+"""
+from .ops import add_noise_, cascade_merge_, ema_, lowrank_moments, merge_, stream_words
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LoRASC": "lorasc_fast.cascade",
+    "cascade_schedule": "lorasc_fast.schedule",
+    "LoRASCCallback": "lorasc_fast.trainer",
+    "patch_peft": "lorasc_fast.peft_patch",
+    "unpatch_peft": "lorasc_fast.peft_patch",
+    "dora_merge_": "lorasc_fast.dora",
+}
+
+__all__ = ["merge_", "add_noise_", "ema_", "cascade_merge_", "lowrank_moments", "stream_words",
+           *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorasc_fast' has no attribute {name!r}")

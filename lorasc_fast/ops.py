@@ -1,0 +1,209 @@
+"""The public ops: validate everything, then dispatch to a backend.
+
+``backend=None`` runs the Triton kernels on CUDA tensors and the memory-lean torch path
+elsewhere; ``"triton"`` forces the kernels (on CPU tensors through Triton's interpreter);
+``"torch"`` the torch path; ``"reference"`` the materialising spec. All ops work in
+place and never record autograd history. Every check runs before the first write, so
+a rejected call leaves every tensor bit-identical.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import reference, torch_path, triton_path
+from . import validation as v
+
+__all__ = ["lowrank_moments", "merge_", "add_noise_", "ema_", "cascade_merge_", "stream_words"]
+
+
+def _resolve(backend, device: torch.device) -> str:
+    v.check_backend(backend)
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        triton_path.check_available(device)
+    return backend
+
+
+def _check_common(W, rounding, seed, row_offset, backend):
+    v.check_weight(W)
+    v.check_rounding(rounding)
+    v.check_index("seed", seed, v.SEED_LIMIT)
+    v.check_index("row_offset", row_offset)
+    return _resolve(backend, W.device)
+
+
+def _check_factors(W, A, B, fan_in_fan_out, a_name="A", b_name="B"):
+    v.check_factor(a_name, A)
+    v.check_factor(b_name, B)
+    v.check_pair_shapes(A, B, a_name, b_name)
+    v.check_merge_shapes(W, A, B, fan_in_fan_out)
+
+
+@torch.no_grad()
+def lowrank_moments(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, *, backend=None):
+    """Mean and unbiased std of ``scale * B @ A`` as 0-d fp32 tensors.
+
+    From r x r Grams: ``sum = s (1^T B)(A 1)``, ``||M||^2 = s^2 sum((B^T B) * (A A^T))``.
+    Never forms the out x in product; extra memory is O(r^2) (torch path: fp64 factor copies).
+    """
+    v.check_factor("A", A)
+    v.check_factor("B", B)
+    v.check_pair_shapes(A, B)
+    v.check_same_device(A=A, B=B)
+    scale = v.check_scalar("scale", scale)
+    backend = _resolve(backend, A.device)
+    v.check_finite(A=A, B=B)
+    if backend == "reference":
+        return reference.lowrank_moments(A, B, scale)
+    if backend == "torch":
+        return torch_path.lowrank_moments(A, B, scale)
+    out = triton_path.moments(A, B, scale)
+    return out[0], out[1]
+
+
+@torch.no_grad()
+def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: float = 1.0,
+           noise: float = 0.0, seed: int = 0, row_offset: int = 0, rounding: str = "nearest",
+           fan_in_fan_out: bool = False, backend=None) -> torch.Tensor:
+    """``W += scale * B @ A + noise * (U - 0.5)`` in place, one pass over W.
+
+    ``fan_in_fan_out``: W is stored in x out (transformers Conv1D), the delta is transposed.
+    ``noise`` is the width of the uniform; U comes from the library's Philox stream at
+    global element ``(row_offset + i) * W.shape[1] + j``. ``rounding="stochastic"`` rounds the
+    fp32 result to bf16/fp16 unbiasedly. Extra memory: none on CUDA; bounded chunks on CPU.
+    """
+    backend = _check_common(W, rounding, seed, row_offset, backend)
+    _check_factors(W, A, B, fan_in_fan_out)
+    v.check_same_device(W=W, A=A, B=B)
+    scale = v.check_scalar("scale", scale)
+    noise = v.check_scalar("noise", noise, low=0.0)
+    v.check_no_alias("W", W, A=A, B=B)
+    v.check_finite(A=A, B=B)
+    return _merge(W, A, B, backend, scale=scale, noise=noise, seed=seed, row_offset=row_offset,
+                  rounding=rounding, fan_in_fan_out=fan_in_fan_out)
+
+
+def _merge(W, A, B, backend, *, fan_in_fan_out, **kw):
+    if backend == "reference":
+        return reference.merge_(W, A, B, fan_in_fan_out=fan_in_fan_out, **kw)
+    if backend == "torch":
+        return torch_path.merge_(W, A, B, fan_in_fan_out=fan_in_fan_out, **kw)
+    X, Y = (A.T, B.T) if fan_in_fan_out else (B, A)
+    triton_path.launch_merge(W, X, Y, **kw)
+    return W
+
+
+@torch.no_grad()
+def add_noise_(W: torch.Tensor, noise: float, *, seed: int = 0, row_offset: int = 0,
+               rounding: str = "nearest", backend=None) -> torch.Tensor:
+    """``W += noise * (U - 0.5)`` in place, from the same stream as ``merge_``."""
+    backend = _check_common(W, rounding, seed, row_offset, backend)
+    noise = v.check_scalar("noise", noise, low=0.0)
+    kw = dict(noise=noise, seed=seed, row_offset=row_offset, rounding=rounding)
+    if backend == "reference":
+        return reference.add_noise_(W, **kw)
+    if backend == "torch":
+        return torch_path.add_noise_(W, **kw)
+    triton_path.launch_merge(W, None, None, scale=1.0, has_delta=False, **kw)
+    return W
+
+
+@torch.no_grad()
+def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float, *,
+         backend=None) -> None:
+    """``slow = alpha * slow + (1 - alpha) * fast`` for every pair, in place.
+
+    On CUDA one launch per (slow dtype, fast dtype) combination covers all pairs.
+    """
+    slow, fast = list(slow), list(fast)
+    v.check_sequences(slow, fast)
+    alpha = v.check_scalar("alpha", alpha, low=0.0, high=1.0)
+    if not slow:
+        return
+    v.check_same_device(**{f"slow[{i}]": s for i, s in enumerate(slow)})
+    backend = _resolve(backend, slow[0].device)
+    v.check_finite(**{f"fast[{i}]": f for i, f in enumerate(fast)})
+    _ema(slow, fast, alpha, backend)
+
+
+def _ema(slow, fast, alpha, backend):
+    if backend == "reference":
+        return reference.ema_(slow, fast, alpha)
+    if backend == "torch":
+        return torch_path.ema_(slow, fast, alpha)
+    dense = [(s, f) for s, f in zip(slow, fast) if s.is_contiguous() and f.is_contiguous()]
+    strided = [(s, f) for s, f in zip(slow, fast) if not (s.is_contiguous() and f.is_contiguous())]
+    triton_path.ema_([s for s, _ in dense], [f for _, f in dense], alpha)
+    torch_path.ema_([s for s, _ in strided], [f for _, f in strided], alpha)
+
+
+@torch.no_grad()
+def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, alpha: float, scale: float = 1.0,
+                   noise_lambda: float = 0.0, seed: int = 0, row_offset: int = 0,
+                   rounding: str = "nearest", fan_in_fan_out: bool = False, backend=None):
+    """One cascade boundary for one layer; returns ``std(scale * B_slow @ A_slow)`` (0-d fp32).
+
+    1. ``slow = alpha * slow + (1 - alpha) * fast`` (written into A_slow, B_slow);
+    2.-3. ``W += scale * B_slow @ A_slow + noise_lambda * std * (U - 0.5)`` in one pass.
+    The std of the EMA'd product is computed on the fly from r x r Grams and checked
+    before anything is written. Extra memory: O(r^2) on CUDA.
+    """
+    backend = _check_common(W, rounding, seed, row_offset, backend)
+    _check_factors(W, A_slow, B_slow, fan_in_fan_out, "A_slow", "B_slow")
+    for name, fast_t, slow_t in (("A_fast", A_fast, A_slow), ("B_fast", B_fast, B_slow)):
+        v.check_factor(name, fast_t)
+        if fast_t.shape != slow_t.shape:
+            raise ValueError(f"{name} is {tuple(fast_t.shape)} but its slow copy is "
+                             f"{tuple(slow_t.shape)}")
+    v.check_same_device(W=W, A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
+    alpha = v.check_scalar("alpha", alpha, low=0.0, high=1.0)
+    scale = v.check_scalar("scale", scale)
+    noise_lambda = v.check_scalar("noise_lambda", noise_lambda, low=0.0)
+    v.check_no_alias("W", W, A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
+    v.check_no_alias("A_slow", A_slow, A_fast=A_fast, B_slow=B_slow, B_fast=B_fast)
+    v.check_no_alias("B_slow", B_slow, A_fast=A_fast, B_fast=B_fast)
+    v.check_finite(A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
+    kw = dict(scale=scale, seed=seed, row_offset=row_offset, rounding=rounding,
+              fan_in_fan_out=fan_in_fan_out)
+    if backend == "reference":
+        probe = [t.clone() for t in (A_slow, B_slow)]
+        reference.ema_(probe, [A_fast, B_fast], alpha)
+        _check_std(reference.lowrank_moments(probe[0], probe[1], scale)[1])
+        return reference.cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, alpha=alpha,
+                                        noise_lambda=noise_lambda, **kw)
+    if backend == "torch":
+        std = torch_path.lowrank_moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
+    else:
+        std = triton_path.moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
+    std_value = _check_std(std)
+    _ema([A_slow, B_slow], [A_fast, B_fast], alpha, backend)
+    _merge(W, A_slow, B_slow, backend, noise=noise_lambda * std_value, **kw)
+    return std
+
+
+def _check_std(std: torch.Tensor) -> float:
+    value = float(std)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"the std of scale * B_slow @ A_slow is {value}; the factors "
+                         "overflow fp32 - nothing was written")
+    return value
+
+
+@torch.no_grad()
+def stream_words(rows: int, cols: int, *, seed: int = 0, row_offset: int = 0, device=None,
+                 backend=None) -> torch.Tensor:
+    """The stream's 32-bit words (int64 in [0, 2**32)) of a rows x cols block starting at
+    global row ``row_offset``: exactly what the ops draw for noise and rounding."""
+    v.check_index("rows", rows)
+    v.check_index("cols", cols)
+    v.check_index("seed", seed, v.SEED_LIMIT)
+    v.check_index("row_offset", row_offset)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    backend = _resolve(backend, device)
+    if backend == "triton":
+        return triton_path.stream_words(rows, cols, seed, row_offset, device)
+    from . import stream
+    return stream.matrix_words(seed, rows, cols, row_offset, device)

@@ -1,0 +1,90 @@
+"""The memory-lean torch implementation of the ops (the default off CUDA).
+
+W is updated in row chunks: an fp32 W takes the low-rank product in place through
+``addmm_``; a bf16/fp16 W is widened one chunk at a time. Noise words come from
+``lorasc_fast.stream`` for the chunk only. A chunk holds at most ``max_chunk_elems``
+elements and its widest temporary (int64 words) is at most 1/8 of ``W.nbytes``, so
+no temporary approaches the size of W. Results follow the same arithmetic contract as
+``lorasc_fast.reference`` (fp32 math, one rounding to W's dtype; same random stream).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import stream
+from .reference import round_fp32
+
+MAX_CHUNK_ELEMS = 1 << 18
+
+
+def chunk_rows(W: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS) -> int:
+    """Rows per chunk: int64 temporaries of one chunk stay within W.nbytes / 8."""
+    cols = max(1, W.shape[1])
+    budget = min(max_chunk_elems, W.numel() * W.element_size() // 64)
+    return max(1, budget // cols)
+
+
+def _factors(A, B, fan_in_fan_out):
+    """(X, Y) with W += scale * X @ Y."""
+    return (A.T, B.T) if fan_in_fan_out else (B, A)
+
+
+def _apply(W, X, Y, scale, noise, seed, row_offset, rounding):
+    rows, cols = W.shape
+    step = chunk_rows(W)
+    Yf = Y.float() if Y is not None else None
+    need_words = noise != 0.0 or (rounding == "stochastic" and W.dtype != torch.float32)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        Wc = W[r0:r1]
+        v = Wc if W.dtype == torch.float32 else Wc.float()
+        if X is not None:
+            v.addmm_(X[r0:r1].float(), Yf, alpha=scale)
+        if need_words:
+            w = stream.words(seed, (row_offset + r0) * cols, (r1 - r0) * cols, W.device)
+            w = w.view(r1 - r0, cols)
+            if noise != 0.0:
+                v.add_(stream.noise_from_words(w, noise))
+            if W.dtype != torch.float32:
+                Wc.copy_(round_fp32(v, W.dtype, rounding, stream.rounding_fraction(w)))
+        elif v is not Wc:
+            Wc.copy_(v)
+    return W
+
+
+def merge_(W, A, B, *, scale, noise, seed, row_offset, rounding, fan_in_fan_out):
+    X, Y = _factors(A, B, fan_in_fan_out)
+    return _apply(W, X, Y, scale, noise, seed, row_offset, rounding)
+
+
+def add_noise_(W, noise, *, seed, row_offset, rounding):
+    return _apply(W, None, None, 1.0, noise, seed, row_offset, rounding)
+
+
+def _ema_value(s, f, alpha):
+    return s.float().mul(alpha).add_(f.float(), alpha=1.0 - alpha)
+
+
+def lowrank_moments(A, B, scale, *, ema=None):
+    """Mean and unbiased std of ``scale * B @ A`` from fp64 r x r Grams.
+
+    ``ema=(A_fast, B_fast, alpha)`` takes the factors as their EMA with the fast ones.
+    Memory: fp64 copies of the factors (factor-sized), r x r Grams.
+    """
+    if ema is not None:
+        A_f, B_f, alpha = ema
+        A, B = _ema_value(A, A_f, alpha), _ema_value(B, B_f, alpha)
+    A64, B64 = A.double(), B.double()
+    n = B.shape[0] * A.shape[1]
+    total = scale * torch.dot(B64.sum(0), A64.sum(1))
+    sumsq = scale * scale * ((B64.T @ B64) * (A64 @ A64.T)).sum()
+    mean = total / n
+    var = (sumsq - total * mean).clamp_min(0.0) / max(n - 1, 1)
+    return mean.float(), var.sqrt().float()
+
+
+def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float) -> None:
+    for s, f in zip(slow, fast):
+        s.copy_(_ema_value(s, f, alpha))

@@ -1,0 +1,147 @@
+"""Launching the Triton kernels: storage kinds, tile shapes, workspaces.
+
+On CUDA tensors the kernels compile for the GPU. On CPU tensors they run under Triton's
+interpreter, which must be switched on (``TRITON_INTERPRET=1``) before the kernels are
+first imported; that is how the CPU test suite runs them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels():
+    from .kernels import ema, merge, moments, stream  # noqa: F401  (import on first use)
+    return merge, moments, ema, stream
+
+
+def check_available(device: torch.device) -> None:
+    if device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"backend='triton' on {device.type} tensors needs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before importing lorasc_fast (or use backend='torch')")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton is a Linux dependency
+        raise RuntimeError("backend='triton' needs the triton package") from e
+
+
+def storage(t: torch.Tensor) -> torch.Tensor:
+    """What the kernels see: bf16 as its int16 bit pattern, other dtypes as they are."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
+    """Tile shape and warps for one merge launch.
+
+    The interpreter costs ~12 ms per program, so it gets large tiles; on the GPU the
+    tile keeps enough programs in flight to saturate HBM (tuned on the H200, see
+    bench/NOTES.md).
+    """
+    if device.type != "cuda":
+        return dict(BLOCK_M=64, BLOCK_N=128)
+    return dict(BLOCK_M=32, BLOCK_N=256, num_warps=8)
+
+
+def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta=True) -> None:
+    merge, _, _, _ = _kernels()
+    M, N = W.shape
+    if M == 0 or N == 0:
+        return
+    R = X.shape[1] if has_delta else 1
+    cfg = merge_config(M, N, R, W.device)
+    grid = (-(-M // cfg["BLOCK_M"]), -(-N // cfg["BLOCK_N"]))
+    Ws = storage(W)
+    if not has_delta:
+        X = Y = W  # never read
+    extra = {} if has_delta else {"enable_fp_fusion": False}
+    merge.merge_kernel[grid](
+        Ws, X, Y, M, N,
+        W.stride(0), W.stride(1), X.stride(0), X.stride(1), Y.stride(0), Y.stride(1),
+        float(scale), float(noise), int(seed), int(row_offset),
+        R=R, R_PAD=_pow2_at_least(R, 16),
+        HAS_DELTA=has_delta, HAS_NOISE=noise != 0.0,
+        STOCHASTIC=rounding == "stochastic" and W.dtype != torch.float32,
+        W_KIND=_KIND[W.dtype], ALIGNED4=N % 4 == 0, USE_DOT=R > 16,
+        **cfg, **extra,
+    )
+
+
+def moments(A, B, scale, *, ema=None) -> torch.Tensor:
+    """``[mean, std]`` (fp32, on the device) of ``scale * B @ A``; ``ema=(A_f, B_f, alpha)``."""
+    _, mom, _, _ = _kernels()
+    R, IN = A.shape
+    OUT = B.shape[0]
+    R_PAD = _pow2_at_least(R, 16)
+    block = 64 if A.device.type != "cuda" else 128
+    slots = max(2, (1 << 16) // (R_PAD * R_PAD + R_PAD))  # workspace <= 256 KiB
+    chunk_target = 4096 if A.device.type != "cuda" else 1024
+    split_a = max(1, min(slots // 2, -(-IN // chunk_target)))
+    split_b = max(1, min(slots // 2, -(-OUT // chunk_target)))
+    chunk_a = -(-IN // split_a)
+    chunk_b = -(-OUT // split_b)
+    ws = torch.empty((split_a + split_b) * (R_PAD * R_PAD + R_PAD), dtype=torch.float32,
+                     device=A.device)
+    if ema is None:
+        A_f, B_f, alpha = A, B, 1.0
+    else:
+        A_f, B_f, alpha = ema
+    mom.gram_partial_kernel[(split_a + split_b,)](
+        storage(A), storage(A_f), storage(B), storage(B_f), ws, R, IN, OUT,
+        A.stride(0), A.stride(1), A_f.stride(0), A_f.stride(1),
+        B.stride(0), B.stride(1), B_f.stride(0), B_f.stride(1),
+        float(alpha), split_a, chunk_a, chunk_b,
+        EMA=ema is not None, A_KIND=_KIND[A.dtype], AF_KIND=_KIND[A_f.dtype],
+        B_KIND=_KIND[B.dtype], BF_KIND=_KIND[B_f.dtype], R_PAD=R_PAD, BLOCK=block,
+    )
+    out = torch.empty(2, dtype=torch.float32, device=A.device)
+    mom.moments_finalize_kernel[(1,)](ws, out, split_a, split_b, OUT * IN, float(scale),
+                                      R_PAD=R_PAD)
+    return out
+
+
+def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float) -> None:
+    """One launch per (slow dtype, fast dtype) combination; pairs must be contiguous."""
+    _, _, ema, _ = _kernels()
+    groups: dict = {}
+    for s, f in zip(slow, fast):
+        if s.numel():
+            groups.setdefault((s.dtype, f.dtype), []).append((s, f))
+    block = 1024
+    for (s_dtype, f_dtype), pairs in groups.items():
+        device = pairs[0][0].device
+        numels = [s.numel() for s, _ in pairs]
+        counts = [-(-n // block) for n in numels]
+        block_tensor = torch.repeat_interleave(torch.arange(len(pairs)), torch.tensor(counts))
+        block_start = torch.cat([torch.arange(c) * block for c in counts])
+        table = torch.tensor([[s.data_ptr() for s, _ in pairs], [f.data_ptr() for _, f in pairs],
+                              numels], dtype=torch.int64)
+        table = table.to(device)
+        blocks = torch.stack([block_tensor, block_start]).to(device)
+        ema.ema_kernel[(blocks.shape[1],)](
+            table[0], table[1], table[2], blocks[0], blocks[1], float(alpha),
+            S_KIND=_KIND[s_dtype], F_KIND=_KIND[f_dtype], BLOCK=block,
+        )
+
+
+def stream_words(rows: int, cols: int, seed: int, row_offset: int, device) -> torch.Tensor:
+    _, _, _, stream = _kernels()
+    out = torch.empty(rows, cols, dtype=torch.int32, device=device)
+    if rows and cols:
+        bm, bn = (64, 128)
+        stream.stream_kernel[(-(-rows // bm), -(-cols // bn))](
+            out, rows, cols, int(seed), int(row_offset), ALIGNED4=cols % 4 == 0,
+            BLOCK_M=bm, BLOCK_N=bn)
+    return out.to(torch.int64) & 0xFFFFFFFF
