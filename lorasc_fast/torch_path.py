@@ -16,7 +16,7 @@ import torch
 from . import stream
 from .reference import round_fp32
 
-MAX_CHUNK_ELEMS = 1 << 18
+MAX_CHUNK_ELEMS = 1 << 16
 
 
 def chunk_rows(W: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS) -> int:

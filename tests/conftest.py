@@ -19,6 +19,5 @@ torch.set_num_threads(1)
 def gen():
     """A fresh, differently seeded generator per test (inputs are random on every run)."""
     seed = int.from_bytes(os.urandom(4), "little")
-    g = torch.Generator().manual_seed(seed)
-    g.initial_seed_value = seed
-    return g
+    print(f"input generator seed: {seed}")  # shown with a failing test's output
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,168 @@
+"""Every backend of every op against the fp64 reference, on fresh random inputs.
+
+The Triton backend runs the real kernels under TRITON_INTERPRET=1 here (and compiled on
+the GPU when LORASC_TEST_GPU=1 moves these tests to CUDA tensors, see test_gpu.py).
+"""
+import pytest
+import torch
+
+import lorasc_fast as lf
+from lorasc_fast import reference as ref
+from lorasc_fast import stream
+from helpers import assert_correctly_rounded, fp32_error_bound, rand_factors, rel_error
+
+BACKENDS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+RANKS = [1, 3, 8, 16, 64]
+
+
+def _exact_merge(W, A, B, scale, noise, seed, row_offset, fif):
+    v = W.double() + ref.delta_weight(A, B, scale, fif)
+    if noise:
+        w = stream.matrix_words(seed, *W.shape, row_offset)
+        v = v + stream.noise_from_words(w, noise).double()
+    return v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fif", [False, True])
+@pytest.mark.parametrize("r", RANKS)
+def test_merge_matches_fp64(backend, dtype, fif, r, gen):
+    out_f, in_f = 67, 45 if r != 64 else 132
+    A, B = rand_factors(out_f, in_f, r, gen=gen)
+    shape = (in_f, out_f) if fif else (out_f, in_f)
+    W = torch.randn(shape, generator=gen).to(dtype)
+    scale, noise, seed = 0.37, 0.05, int(torch.randint(0, 2**62, (), generator=gen))
+    exact = _exact_merge(W, A, B, scale, noise, seed, 3, fif)
+    out = W.clone()
+    lf.merge_(out, A, B, scale=scale, noise=noise, seed=seed, row_offset=3, fan_in_fan_out=fif,
+              backend=backend)
+    assert_correctly_rounded(out, exact, fp32_error_bound(W, A, B, scale, noise, fif))
+    if dtype == torch.float32:
+        assert rel_error(out, exact) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_large_odd_shape(backend, dtype, gen):
+    A, B = rand_factors(1000, 777, 3, gen=gen)
+    W = torch.randn(1000, 777, generator=gen).to(dtype)
+    exact = _exact_merge(W, A, B, 2.0, 0.0, 0, 0, False)
+    lf.merge_(W_out := W.clone(), A, B, scale=2.0, backend=backend)
+    assert_correctly_rounded(W_out, exact, fp32_error_bound(W, A, B, 2.0, 0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fdtype", [torch.float16, torch.bfloat16])
+def test_merge_low_precision_factors(backend, fdtype, gen):
+    A, B = rand_factors(70, 90, 8, dtype=fdtype, gen=gen)
+    W = torch.randn(70, 90, generator=gen)
+    exact = _exact_merge(W, A, B, 1.5, 0.0, 0, 0, False)
+    lf.merge_(out := W.clone(), A, B, scale=1.5, backend=backend)
+    assert rel_error(out, exact) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_strided_weight_view(backend, gen):
+    """W given as a transposed view of a contiguous tensor, and as a column slice."""
+    A, B = rand_factors(60, 50, 4, gen=gen)
+    base = torch.randn(50, 60, generator=gen)
+    W = base.T  # 60 x 50, column-major
+    exact = _exact_merge(W, A, B, 0.5, 0.1, 9, 0, False)
+    lf.merge_(W, A, B, scale=0.5, noise=0.1, seed=9, backend=backend)
+    assert_correctly_rounded(W, exact, fp32_error_bound(exact.float(), A, B, 0.5, 0.1))
+    wide = torch.randn(60, 80, generator=gen)
+    before = wide.clone()
+    lf.merge_(wide[:, 10:60], A, B, scale=0.5, backend=backend)
+    assert torch.equal(wide[:, :10], before[:, :10]) and torch.equal(wide[:, 60:], before[:, 60:])
+    exact = _exact_merge(before[:, 10:60], A, B, 0.5, 0.0, 0, 0, False)
+    assert_correctly_rounded(wide[:, 10:60], exact, fp32_error_bound(before[:, 10:60], A, B, 0.5, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape", [(37, 29), (64, 256)])
+def test_add_noise_bit_exact(backend, dtype, rounding, shape, gen):
+    """Noise-only updates involve one fp32 addition: every backend is bit-identical."""
+    W = torch.randn(shape, generator=gen).to(dtype)
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=gen))
+    expected = ref.add_noise_(W.clone(), 0.3, seed=seed, row_offset=17, rounding=rounding)
+    out = lf.add_noise_(W.clone(), 0.3, seed=seed, row_offset=17, rounding=rounding, backend=backend)
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, W)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_merge_on_exact_inputs(backend, dtype, gen):
+    """With inputs whose fp32 merge is exact, stochastic rounding is bit-identical to the spec."""
+    W = (torch.randint(-512, 512, (40, 64), generator=gen).float() / 64).to(dtype)
+    A = torch.randint(-4, 5, (2, 64), generator=gen).float() / 8
+    B = torch.randint(-4, 5, (40, 2), generator=gen).float() / 1024
+    expected = ref.merge_(W.clone(), A, B, scale=0.25, seed=5, rounding="stochastic")
+    out = lf.merge_(W.clone(), A, B, scale=0.25, seed=5, rounding="stochastic", backend=backend)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("r", [1, 3, 16, 64])
+@pytest.mark.parametrize("fdtype", [torch.float32, torch.bfloat16])
+def test_lowrank_moments(backend, r, fdtype, gen):
+    A, B = rand_factors(300, 177, r, dtype=fdtype, gen=gen)
+    A = A + 0.3  # a non-zero mean exercises the sum terms
+    M = 0.7 * (B.double() @ A.double())
+    mean, std = lf.lowrank_moments(A, B, 0.7, backend=backend)
+    assert mean.dtype == std.dtype == torch.float32 and mean.dim() == std.dim() == 0
+    assert abs(mean.item() - M.mean().item()) <= 1e-5 * M.abs().mean().item()
+    assert abs(std.item() - M.std().item()) <= 1e-5 * M.std().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_ema(backend, gen):
+    shapes = [(3, 45), (67, 3), (8, 1000), (1, 1)]
+    slow = [torch.randn(s, generator=gen) for s in shapes] + [torch.randn(5, 7, generator=gen).bfloat16()]
+    fast = [torch.randn(s, generator=gen) for s in shapes] + [torch.randn(5, 7, generator=gen)]
+    slow.append(torch.randn(6, 4, generator=gen).T)  # non-contiguous
+    fast.append(torch.randn(4, 6, generator=gen))
+    exact = [0.6 * s.double() + 0.4 * f.double() for s, f in zip(slow, fast)]
+    magnitude = [0.6 * s.double().abs() + 0.4 * f.double().abs() for s, f in zip(slow, fast)]
+    lf.ema_(slow, fast, 0.6, backend=backend)
+    for s, e, m in zip(slow, exact, magnitude):
+        # fp32 math (3 roundings), then one rounding to slow's dtype
+        bound = 4 * 2.0**-24 * m + torch.finfo(s.dtype).eps / 2 * e.abs()
+        err = (s.double() - e).abs()
+        assert bool((err <= bound).all()), f"max error {err.max().item():.3e} for {s.dtype}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fif", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cascade_merge(backend, fif, dtype, gen):
+    out_f, in_f, r = 90, 70, 5
+    A_s, B_s = rand_factors(out_f, in_f, r, gen=gen)
+    A_f, B_f = rand_factors(out_f, in_f, r, gen=gen)
+    W = torch.randn((in_f, out_f) if fif else (out_f, in_f), generator=gen).to(dtype)
+    kw = dict(alpha=0.8, scale=2.0, noise_lambda=1.0, seed=11, row_offset=0, fan_in_fan_out=fif)
+    ref_t = [t.clone() for t in (W, A_s, B_s, A_f, B_f)]
+    ref_std = ref.cascade_merge_(*ref_t, **kw)
+    got = [t.clone() for t in (W, A_s, B_s, A_f, B_f)]
+    std = lf.cascade_merge_(*got, backend=backend, **kw)
+    assert abs(std.item() - ref_std.item()) <= 1e-5 * ref_std.item()
+    for new, old in ((got[1], ref_t[1]), (got[2], ref_t[2])):
+        assert torch.allclose(new, old, rtol=1e-6, atol=1e-7)
+    assert torch.equal(got[3], A_f) and torch.equal(got[4], B_f)
+    # the merge used the updated slow factors and a noise width of lambda * std
+    exact = _exact_merge(W, ref_t[1], ref_t[2], 2.0, float(std), 11, 0, fif)
+    assert_correctly_rounded(got[0], exact, fp32_error_bound(W, ref_t[1], ref_t[2], 2.0, float(std), fif)
+                             + 1e-5 * float(std))
+
+
+def test_zero_sized_and_no_autograd():
+    W = torch.randn(4, 6, requires_grad=True)
+    A, B = torch.randn(2, 6), torch.randn(4, 2)
+    lf.merge_(W, A, B, noise=0.1)
+    assert W.grad_fn is None
+    empty = torch.empty(0, 6)
+    lf.merge_(empty, A, torch.randn(0, 2), backend="triton")
