@@ -49,10 +49,13 @@ def stream_words(seed, rows, col0, cols, ncols, ALIGNED4: tl.constexpr):
 
 
 @triton.jit
-def noise_from_words(w, noise):
-    """fp32 ``noise * (U - 0.5)`` with ``U = ((w >> 16) + 0.5) / 2**16``."""
-    hi = (w >> 16).to(tl.float32)
-    return ((hi - 32767.5) * (1.0 / 65536.0)) * noise
+def noise_from_words(w, noise_scaled):
+    """fp32 ``noise * (U - 0.5)`` with ``U = ((w >> 16) + 0.5) / 2**16``.
+
+    ``noise_scaled`` is ``noise / 2**16``; since that scaling is exact, the product
+    equals ``((hi - 32767.5) / 2**16) * noise`` bit for bit (``lorasc_fast.stream``).
+    """
+    return ((w >> 16).to(tl.float32) - 32767.5) * noise_scaled
 
 
 @triton.jit

@@ -94,6 +94,7 @@ def moments_finalize_kernel(WS, OUT_PTR, SPLIT_A, SPLIT_B, numel, scale, R_PAD: 
     total = tl.sum(sa * sb, axis=0) * s
     sumsq = tl.sum(tl.sum(ga * gb, axis=1), axis=0) * s * s
     mean = total / n
-    var = tl.maximum(sumsq - total * mean, 0.0) / tl.maximum(n - 1.0, 1.0)
+    var = sumsq - total * mean
+    var = tl.where(var != var, var, tl.maximum(var, 0.0)) / tl.maximum(n - 1.0, 1.0)  # keep NaN
     tl.store(OUT_PTR, mean.to(tl.float32))
     tl.store(OUT_PTR + 1, tl.sqrt(var).to(tl.float32))

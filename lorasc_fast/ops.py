@@ -165,28 +165,32 @@ def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, alpha: float, scale: fl
     v.check_no_alias("W", W, A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
     v.check_no_alias("A_slow", A_slow, A_fast=A_fast, B_slow=B_slow, B_fast=B_fast)
     v.check_no_alias("B_slow", B_slow, A_fast=A_fast, B_fast=B_fast)
-    v.check_finite(A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
     kw = dict(scale=scale, seed=seed, row_offset=row_offset, rounding=rounding,
               fan_in_fan_out=fan_in_fan_out)
+    factors = dict(A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
     if backend == "reference":
+        v.check_finite(**factors)
         probe = [t.clone() for t in (A_slow, B_slow)]
         reference.ema_(probe, [A_fast, B_fast], alpha)
-        _check_std(reference.lowrank_moments(probe[0], probe[1], scale)[1])
+        _check_std(reference.lowrank_moments(probe[0], probe[1], scale)[1], factors)
         return reference.cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, alpha=alpha,
                                         noise_lambda=noise_lambda, **kw)
+    # NaN or Inf in any factor reaches the Grams, so a finite std proves finite factors.
     if backend == "torch":
         std = torch_path.lowrank_moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
     else:
         std = triton_path.moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
-    std_value = _check_std(std)
+    std_value = _check_std(std, factors)
     _ema([A_slow, B_slow], [A_fast, B_fast], alpha, backend)
     _merge(W, A_slow, B_slow, backend, noise=noise_lambda * std_value, **kw)
     return std
 
 
-def _check_std(std: torch.Tensor) -> float:
+def _check_std(std: torch.Tensor, factors: dict) -> float:
+    """The std as a float; if it is not finite, say whether a factor or fp32 range is to blame."""
     value = float(std)
     if value != value or value in (float("inf"), float("-inf")):
+        v.check_finite(**factors)
         raise ValueError(f"the std of scale * B_slow @ A_slow is {value}; the factors "
                          "overflow fp32 - nothing was written")
     return value

@@ -44,37 +44,47 @@ def _pow2_at_least(n: int, floor: int) -> int:
 
 
 def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
-    """Tile shape and warps for one merge launch.
+    """Tile shape, warps and pipelining depth for one merge launch.
 
-    The interpreter costs ~12 ms per program, so it gets large tiles; on the GPU the
-    tile keeps enough programs in flight to saturate HBM (tuned on the H200, see
-    bench/NOTES.md).
+    The interpreter costs ~12 ms per program, so it gets large tiles and few programs;
+    on the GPU the values come from bench/sweep_merge.py on the H200 (bench/NOTES.md).
     """
     if device.type != "cuda":
         return dict(BLOCK_M=64, BLOCK_N=128)
-    return dict(BLOCK_M=32, BLOCK_N=256, num_warps=8)
+    return dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, NUM_STAGES=4)
 
 
-def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta=True) -> None:
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta=True,
+                 programs_per_sm: int = 8, aligned4: bool = True) -> None:
+    """Launch the fused merge; ``programs_per_sm`` and ``aligned4=False`` (per-element Philox
+    calls, same values) exist for bench/sweep_merge.py."""
     merge, _, _, _ = _kernels()
     M, N = W.shape
     if M == 0 or N == 0:
         return
     R = X.shape[1] if has_delta else 1
-    cfg = merge_config(M, N, R, W.device)
-    grid = (-(-M // cfg["BLOCK_M"]), -(-N // cfg["BLOCK_N"]))
-    Ws = storage(W)
+    cfg = {"NUM_STAGES": 1, **merge_config(M, N, R, W.device)}
+    col_blocks = -(-N // cfg["BLOCK_N"])
+    row_blocks = -(-M // cfg["BLOCK_M"])
+    row_programs = max(1, min(row_blocks, -(-programs_per_sm * _sm_count(W.device) // col_blocks)))
     if not has_delta:
         X = Y = W  # never read
     extra = {} if has_delta else {"enable_fp_fusion": False}
-    merge.merge_kernel[grid](
-        Ws, X, Y, M, N,
+    merge.merge_kernel[(col_blocks, row_programs)](
+        storage(W), X, Y, M, N,
         W.stride(0), W.stride(1), X.stride(0), X.stride(1), Y.stride(0), Y.stride(1),
-        float(scale), float(noise), int(seed), int(row_offset),
+        float(scale), float(noise) * 2.0 ** -16, int(seed), int(row_offset), row_programs,
+        -(-row_blocks // row_programs),
         R=R, R_PAD=_pow2_at_least(R, 16),
         HAS_DELTA=has_delta, HAS_NOISE=noise != 0.0,
         STOCHASTIC=rounding == "stochastic" and W.dtype != torch.float32,
-        W_KIND=_KIND[W.dtype], ALIGNED4=N % 4 == 0, USE_DOT=R > 16,
+        W_KIND=_KIND[W.dtype], ALIGNED4=aligned4 and N % 4 == 0,
         **cfg, **extra,
     )
 

@@ -90,6 +90,7 @@ def test_cascade_rejects_before_writing(backend, gen):
         (dict(alpha=0.5, A_fast=torch.randn(3, 11)), ValueError, "A_fast is"),
         (dict(alpha=0.5, A_fast=A_s), ValueError, "shares memory"),
         (dict(alpha=0.5, B_fast=B_f.clone().fill_(float("nan"))), ValueError, "NaN or Inf"),
+        (dict(alpha=1.0, A_fast=A_f.clone().fill_(float("inf"))), ValueError, "NaN or Inf"),
         # factors whose product overflows fp32: the std is not finite
         (dict(alpha=0.5, A_fast=torch.randn(3, 12, generator=gen) * 1e20,
               B_fast=torch.randn(20, 3, generator=gen) * 1e20), ValueError, "std"),

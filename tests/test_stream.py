@@ -92,11 +92,10 @@ def test_sharding_invariance(backend, cols, gen):
     shards = []
     for lo, hi in ((0, 31), (31, 64), (64, 90)):
         shards.append(lf.merge_(W[lo:hi].clone(), A, B[lo:hi], row_offset=lo, **kw))
-    joined = torch.cat(shards)
-    if backend == "triton":
-        assert torch.equal(joined, whole)
-    else:  # BLAS may block a product differently per shard size: equal up to fp32 rounding
-        torch.testing.assert_close(joined, whole, rtol=1e-6, atol=1e-6)
+    # on the CPU, BLAS (behind both the torch path and the interpreter's tl.dot) may block
+    # the product differently per shard size: equal up to fp32 rounding (bit-exact on the
+    # GPU, tests/test_gpu.py); the noise itself is bit-exact everywhere
+    torch.testing.assert_close(torch.cat(shards), whole, rtol=1e-6, atol=1e-6)
     noise_whole = lf.add_noise_(W.clone(), 0.4, seed=5, backend=backend)
     noise_shards = torch.cat([lf.add_noise_(W[lo:hi].clone(), 0.4, seed=5, row_offset=lo,
                                             backend=backend) for lo, hi in ((0, 45), (45, 90))])

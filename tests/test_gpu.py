@@ -1,0 +1,155 @@
+"""GPU checks: the compiled kernels against the fp64 reference, the stream across GPU,
+interpreter and reference, and the ops' extra device memory.
+
+Skipped without CUDA (CI). Run on a GPU machine with
+``LORASC_TEST_GPU=1 pytest -q tests/test_gpu.py`` (the variable keeps conftest from
+switching Triton to its interpreter).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lorasc_fast as lf
+from lorasc_fast import reference as ref
+from lorasc_fast import stream, triton_path
+from helpers import assert_correctly_rounded, fp32_error_bound, rel_error
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs CUDA with compiled Triton kernels (LORASC_TEST_GPU=1)")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _exact(W, A, B, scale, noise, seed, fif):
+    v = W.double().cpu() + ref.delta_weight(A.cpu(), B.cpu(), scale, fif)
+    if noise:
+        v = v + stream.noise_from_words(stream.matrix_words(seed, *W.shape), noise).double()
+    return v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fif", [False, True])
+@pytest.mark.parametrize("r", [1, 3, 8, 16, 64])
+@pytest.mark.parametrize("shape", [(1000, 777), (1024, 4096)])
+def test_merge_exact_on_gpu(dtype, fif, r, shape, gen):
+    out_f, in_f = shape
+    A = torch.randn(r, in_f, generator=gen).cuda()
+    B = torch.randn(out_f, r, generator=gen).cuda()
+    W = torch.randn((in_f, out_f) if fif else (out_f, in_f), generator=gen).to(dtype).cuda()
+    exact = _exact(W, A, B, 0.5, 0.05, 99, fif)
+    out = lf.merge_(W.clone(), A, B, scale=0.5, noise=0.05, seed=99, fan_in_fan_out=fif)
+    bound = fp32_error_bound(W.cpu(), A.cpu(), B.cpu(), 0.5, 0.05, fif)
+    assert_correctly_rounded(out.cpu(), exact, bound)
+    if dtype == torch.float32:
+        assert rel_error(out.cpu(), exact) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("cols", [4096, 777])
+def test_noise_bit_exact_on_gpu(dtype, rounding, cols, gen):
+    W = torch.randn(300, cols, generator=gen).to(dtype)
+    expected = ref.add_noise_(W.clone(), 0.3, seed=2**40 + 1, row_offset=7, rounding=rounding)
+    got = lf.add_noise_(W.cuda(), 0.3, seed=2**40 + 1, row_offset=7, rounding=rounding)
+    assert torch.equal(got.cpu(), expected)
+
+
+INTERPRETER_PROBE = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch, lorasc_fast as lf
+    w = lf.stream_words(96, 777, seed=31337, row_offset=2**20, backend="triton")
+    W = torch.linspace(-2, 2, 96 * 128).reshape(96, 128).bfloat16()
+    lf.merge_(W, torch.ones(2, 128) / 3, torch.ones(96, 2) / 7, noise=0.5, seed=4,
+              rounding="stochastic", backend="triton")
+    print(json.dumps({"words": w.reshape(-1).tolist(), "W": W.view(torch.int16).reshape(-1).tolist()}))
+""")
+
+
+def test_stream_gpu_equals_interpreter_and_reference():
+    env = {k: v for k, v in os.environ.items() if k != "LORASC_TEST_GPU"}
+    res = subprocess.run([sys.executable, "-c", INTERPRETER_PROBE], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    interp = json.loads(res.stdout.strip().splitlines()[-1])
+    gpu = lf.stream_words(96, 777, seed=31337, row_offset=2**20, device="cuda")
+    assert gpu.cpu().reshape(-1).tolist() == interp["words"]
+    assert torch.equal(gpu.cpu(), stream.matrix_words(31337, 96, 777, 2**20))
+    W = torch.linspace(-2, 2, 96 * 128).reshape(96, 128).bfloat16().cuda()
+    lf.merge_(W, torch.ones(2, 128).cuda() / 3, torch.ones(96, 2).cuda() / 7, noise=0.5, seed=4,
+              rounding="stochastic")
+    assert W.view(torch.int16).reshape(-1).cpu().tolist() == interp["W"]
+
+
+@pytest.mark.parametrize("r", [1, 16, 64])
+def test_moments_ema_cascade_on_gpu(r, gen):
+    A_s, A_f = (torch.randn(r, 4096, generator=gen).cuda() for _ in range(2))
+    B_s, B_f = (torch.randn(2048, r, generator=gen).cuda() for _ in range(2))
+    M = 2.0 * (B_s.double() @ A_s.double())
+    mean, std = lf.lowrank_moments(A_s, B_s, 2.0)
+    assert abs(mean.item() - M.mean().item()) <= 1e-5 * M.abs().mean().item()
+    assert abs(std.item() - M.std().item()) <= 1e-5 * M.std().item()
+    W = torch.randn(2048, 4096, generator=gen).bfloat16().cuda()
+    ref_t = [t.cpu().clone() for t in (W, A_s, B_s, A_f, B_f)]
+    ref_std = ref.cascade_merge_(*ref_t, alpha=0.6, scale=2.0, noise_lambda=1.0, seed=8)
+    got_std = lf.cascade_merge_(W, A_s, B_s, A_f, B_f, alpha=0.6, scale=2.0, noise_lambda=1.0, seed=8)
+    assert abs(got_std.item() - ref_std.item()) <= 1e-5 * ref_std.item()
+    torch.testing.assert_close(A_s.cpu(), ref_t[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(B_s.cpu(), ref_t[2], rtol=1e-6, atol=1e-6)
+    # both are bf16 roundings of values within fp32 error and 1e-5 std of noise width:
+    # at most one bf16 ulp apart
+    got, want = W.cpu().double(), ref_t[0].double()
+    assert ((got - want).abs() <= 2.0 ** -7 * want.abs() + 1e-5 * ref_std.item() + 1e-6).all()
+
+
+@pytest.mark.parametrize("tiles", [(16, 512, 4), (64, 128, 8), (128, 64, 4)])
+def test_tile_invariance_on_gpu(tiles, monkeypatch, gen):
+    W = torch.randn(1000, 1024, generator=gen).bfloat16().cuda()
+    A, B = torch.randn(8, 1024, generator=gen).cuda(), torch.randn(1000, 8, generator=gen).cuda()
+    kw = dict(scale=0.5, noise=0.2, seed=77, rounding="stochastic")
+    expected = lf.merge_(W.clone(), A, B, **kw)
+    monkeypatch.setattr(triton_path, "merge_config",
+                        lambda *a: dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1], num_warps=tiles[2]))
+    assert torch.equal(lf.merge_(W.clone(), A, B, **kw), expected)
+
+
+def test_sharding_bit_exact_on_gpu(gen):
+    W = torch.randn(1000, 1024, generator=gen).bfloat16().cuda()
+    A, B = torch.randn(8, 1024, generator=gen).cuda(), torch.randn(1000, 8, generator=gen).cuda()
+    kw = dict(scale=0.5, noise=0.2, seed=77, rounding="stochastic")
+    whole = lf.merge_(W.clone(), A, B, **kw)
+    shards = [lf.merge_(W[lo:hi].clone(), A, B[lo:hi], row_offset=lo, **kw)
+              for lo, hi in ((0, 333), (333, 1000))]
+    assert torch.equal(torch.cat(shards), whole)
+
+
+def _extra_peak(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.parametrize("r", [16, 64])
+def test_extra_device_memory_under_1mib(r):
+    W = torch.randn(8192, 8192, device="cuda").bfloat16()
+    A_s, A_f = torch.randn(r, 8192, device="cuda"), torch.randn(r, 8192, device="cuda")
+    B_s, B_f = torch.randn(8192, r, device="cuda"), torch.randn(8192, r, device="cuda")
+    ops = {
+        "merge_": lambda: lf.merge_(W, A_s, B_s, noise=0.1, rounding="stochastic"),
+        "add_noise_": lambda: lf.add_noise_(W, 0.1),
+        "lowrank_moments": lambda: lf.lowrank_moments(A_s, B_s),
+        "ema_": lambda: lf.ema_([A_s, B_s], [A_f, B_f], 0.8),
+        "cascade_merge_": lambda: lf.cascade_merge_(W, A_s, B_s, A_f, B_f, alpha=0.8, noise_lambda=1.0),
+    }
+    for name, fn in ops.items():
+        fn()  # compile outside the measurement
+        assert _extra_peak(fn) <= 1 << 20, name
