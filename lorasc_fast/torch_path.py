@@ -86,5 +86,10 @@ def lowrank_moments(A, B, scale, *, ema=None):
 
 
 def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float) -> None:
+    """fp32 pairs in one ``_foreach_lerp_`` (``s + (1 - alpha) (f - s)``); others widened per pair."""
+    same = [(s, f) for s, f in zip(slow, fast) if s.dtype == f.dtype == torch.float32]
+    if same:
+        torch._foreach_lerp_([s for s, _ in same], [f for _, f in same], 1.0 - alpha)
     for s, f in zip(slow, fast):
-        s.copy_(_ema_value(s, f, alpha))
+        if not s.dtype == f.dtype == torch.float32:
+            s.copy_(_ema_value(s, f, alpha))

@@ -1,0 +1,104 @@
+"""A whole-model cascade boundary in one call: ``cascade_merge_many_``.
+
+Same math as calling ``cascade_merge_`` on every layer, scheduled for throughput: the
+moments of every layer's EMA'd slow product are computed first (on the fly, nothing
+written), then one device sync checks all of them, then one ``ema_`` launch updates every
+slow factor pair, then one fused merge pass runs per weight. Per-layer calls would sync
+once per layer; here the host waits once per boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ops, torch_path, triton_path
+from . import validation as v
+
+
+@dataclass
+class CascadeLayer:
+    """One adapted weight: ``W += scale * B_slow @ A_slow`` (transposed for fan_in_fan_out)."""
+    W: torch.Tensor
+    A_slow: torch.Tensor
+    B_slow: torch.Tensor
+    A_fast: torch.Tensor
+    B_fast: torch.Tensor
+    scale: float = 1.0
+    seed: int = 0
+    row_offset: int = 0
+    fan_in_fan_out: bool = False
+
+
+def _check_layer(i: int, layer: CascadeLayer, rounding, backend) -> str:
+    name = f"layers[{i}]"
+    try:
+        backend = ops._check_common(layer.W, rounding, layer.seed, layer.row_offset, backend)
+        ops._check_factors(layer.W, layer.A_slow, layer.B_slow, layer.fan_in_fan_out,
+                           "A_slow", "B_slow")
+        for fname, fast, slow in (("A_fast", layer.A_fast, layer.A_slow),
+                                  ("B_fast", layer.B_fast, layer.B_slow)):
+            v.check_factor(fname, fast)
+            if fast.shape != slow.shape:
+                raise ValueError(f"{fname} is {tuple(fast.shape)} but its slow copy is "
+                                 f"{tuple(slow.shape)}")
+        v.check_same_device(W=layer.W, A_slow=layer.A_slow, B_slow=layer.B_slow,
+                            A_fast=layer.A_fast, B_fast=layer.B_fast)
+        v.check_scalar("scale", layer.scale)
+        v.check_no_alias("W", layer.W, A_slow=layer.A_slow, B_slow=layer.B_slow,
+                         A_fast=layer.A_fast, B_fast=layer.B_fast)
+        v.check_no_alias("A_slow", layer.A_slow, A_fast=layer.A_fast, B_slow=layer.B_slow,
+                         B_fast=layer.B_fast)
+        v.check_no_alias("B_slow", layer.B_slow, A_fast=layer.A_fast, B_fast=layer.B_fast)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
+    return backend
+
+
+@torch.no_grad()
+def cascade_merge_many_(layers, *, alpha: float, noise_lambda: float = 0.0,
+                        rounding: str = "nearest", backend=None) -> torch.Tensor:
+    """One cascade boundary for every layer; returns the stds (fp32, one per layer).
+
+    Everything is validated, and every std checked finite, before the first write. Layers
+    must not share weights or slow factors with one another. Extra memory: O(r^2) per layer
+    on CUDA (the moments' workspaces), the torch path's bounded chunks elsewhere.
+    """
+    layers = list(layers)
+    alpha = v.check_scalar("alpha", alpha, low=0.0, high=1.0)
+    noise_lambda = v.check_scalar("noise_lambda", noise_lambda, low=0.0)
+    if not layers:
+        return torch.empty(0)
+    backends = {_check_layer(i, layer, rounding, backend) for i, layer in enumerate(layers)}
+    if len(backends) != 1:
+        raise ValueError(f"layers resolve to different backends {sorted(backends)}; pass backend=")
+    backend = backends.pop()
+    spans = sorted(r for layer in layers for t in (layer.W, layer.A_slow, layer.B_slow)
+                   if (r := v._byte_range(t)) is not None)
+    if any(nxt[0] < cur[1] for cur, nxt in zip(spans, spans[1:])):
+        raise ValueError("two layers share a weight or a slow factor")
+    if backend == "reference":
+        return torch.stack([ops.cascade_merge_(
+            layer.W, layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast, alpha=alpha,
+            scale=layer.scale, noise_lambda=noise_lambda, seed=layer.seed,
+            row_offset=layer.row_offset, rounding=rounding, fan_in_fan_out=layer.fan_in_fan_out,
+            backend="reference") for layer in layers])
+    moments = torch_path.lowrank_moments if backend == "torch" else triton_path.moments
+    stds = torch.stack([
+        moments(layer.A_slow, layer.B_slow, layer.scale,
+                ema=(layer.A_fast, layer.B_fast, alpha))[1].to(layers[0].W.device)
+        for layer in layers])
+    values = stds.cpu().tolist()  # the one sync of the boundary
+    for i, (layer, value) in enumerate(zip(layers, values)):
+        try:
+            ops._check_std(torch.tensor(value), dict(A_slow=layer.A_slow, B_slow=layer.B_slow,
+                                                      A_fast=layer.A_fast, B_fast=layer.B_fast))
+        except ValueError as e:
+            raise ValueError(f"layers[{i}]: {e}") from None
+    ops._ema([t for layer in layers for t in (layer.A_slow, layer.B_slow)],
+             [t for layer in layers for t in (layer.A_fast, layer.B_fast)], alpha, backend)
+    for layer, value in zip(layers, values):
+        ops._merge(layer.W, layer.A_slow, layer.B_slow, backend, scale=layer.scale,
+                   noise=noise_lambda * value, seed=layer.seed, row_offset=layer.row_offset,
+                   rounding=rounding, fan_in_fan_out=layer.fan_in_fan_out)
+    return stds

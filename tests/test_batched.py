@@ -1,0 +1,63 @@
+"""cascade_merge_many_: the same result as per-layer cascade_merge_, validated up front."""
+import pytest
+import torch
+
+import lorasc_fast as lf
+from lorasc_fast.batched import CascadeLayer, cascade_merge_many_
+
+
+def _layers(gen, dtype=torch.bfloat16):
+    specs = [(64, 48, 4, False), (40, 96, 8, True), (33, 20, 3, False)]
+    layers = []
+    for i, (out_f, in_f, r, fif) in enumerate(specs):
+        W = torch.randn((in_f, out_f) if fif else (out_f, in_f), generator=gen).to(dtype)
+        t = [torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen),
+             torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)]
+        layers.append(CascadeLayer(W, *t, scale=2.0 / (i + 1), seed=100 + i, fan_in_fan_out=fif))
+    return layers
+
+
+def _clone(layers):
+    return [CascadeLayer(*(t.clone() for t in (l.W, l.A_slow, l.B_slow, l.A_fast, l.B_fast)),
+                         scale=l.scale, seed=l.seed, fan_in_fan_out=l.fan_in_fan_out) for l in layers]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_many_equals_per_layer(backend, gen):
+    layers = _layers(gen)
+    expected = _clone(layers)
+    stds = cascade_merge_many_(layers, alpha=0.7, noise_lambda=1.0, rounding="stochastic",
+                               backend=backend)
+    for layer, ref, std in zip(layers, expected, stds):
+        ref_std = lf.cascade_merge_(ref.W, ref.A_slow, ref.B_slow, ref.A_fast, ref.B_fast, alpha=0.7,
+                                    scale=ref.scale, noise_lambda=1.0, seed=ref.seed,
+                                    rounding="stochastic", fan_in_fan_out=ref.fan_in_fan_out,
+                                    backend=backend)
+        assert torch.equal(std, ref_std)
+        for got, want in ((layer.W, ref.W), (layer.A_slow, ref.A_slow), (layer.B_slow, ref.B_slow)):
+            assert torch.equal(got, want)
+
+
+def test_many_rejects_before_writing(gen):
+    layers = _layers(gen)
+    before = _clone(layers)
+
+    def unchanged():
+        return all(torch.equal(getattr(l, f), getattr(b, f)) for l, b in zip(layers, before)
+                   for f in ("W", "A_slow", "B_slow"))
+
+    layers[2].B_fast[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layers\[2\].*NaN or Inf"):
+        cascade_merge_many_(layers, alpha=0.5, noise_lambda=1.0)
+    assert unchanged()
+    layers[2].B_fast[0, 0] = 0.0
+    bad_shape = CascadeLayer(torch.randn(3, 3), layers[0].A_slow, layers[0].B_slow,
+                             layers[0].A_fast, layers[0].B_fast)
+    with pytest.raises(ValueError, match=r"layers\[3\]: shape mismatch"):
+        cascade_merge_many_(layers + [bad_shape], alpha=0.5)
+    assert unchanged()
+    twin = CascadeLayer(layers[0].W, *(t.clone() for t in (layers[0].A_slow, layers[0].B_slow,
+                                                           layers[0].A_fast, layers[0].B_fast)))
+    with pytest.raises(ValueError, match="share a weight"):
+        cascade_merge_many_(layers + [twin], alpha=0.5)
+    assert unchanged()
