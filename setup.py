@@ -21,6 +21,7 @@ setup(
         "peft>=0.17",
         "transformers>=4.50",
         "safetensors>=0.4",
+        "numpy",
         "tqdm",
     ],
     extras_require={

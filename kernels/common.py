@@ -115,3 +115,16 @@ def store_rounded(ptrs, v, mask, words, KIND: tl.constexpr, STOCHASTIC: tl.const
             tl.store(ptrs, _bf16_stochastic_bits(v, words & 0xFFFF), mask=mask)
         else:
             tl.store(ptrs, _bf16_nearest_bits(v), mask=mask)
+
+
+@triton.jit
+def as_pointer(addr, KIND: tl.constexpr):
+    """An int64 address as a pointer: kinds 0 fp32, 1 fp16, 2 bf16 as int16 bits, 3 bf16."""
+    if KIND == 0:
+        return addr.to(tl.pointer_type(tl.float32))
+    elif KIND == 1:
+        return addr.to(tl.pointer_type(tl.float16))
+    elif KIND == 2:
+        return addr.to(tl.pointer_type(tl.int16))
+    else:
+        return addr.to(tl.pointer_type(tl.bfloat16))

@@ -10,30 +10,21 @@ Bytes moved: read slow and fast, write slow, once. Extra memory: the small table
 import triton
 import triton.language as tl
 
-from .common import load_f32, store_rounded
+from .common import as_pointer, load_f32, store_rounded
 
 
 @triton.jit
-def _as_ptr(addr, KIND: tl.constexpr):
-    if KIND == 0:
-        return addr.to(tl.pointer_type(tl.float32))
-    elif KIND == 1:
-        return addr.to(tl.pointer_type(tl.float16))
-    else:
-        return addr.to(tl.pointer_type(tl.int16))
-
-
-@triton.jit
-def ema_kernel(SLOW_ADDRS, FAST_ADDRS, NUMELS, BLOCK_TENSOR, BLOCK_START, alpha,
+def ema_kernel(SLOW_ADDRS, FAST_ADDRS, NUMELS, BLOCK_TENSOR, BLOCK_START, SKIP, alpha,
                S_KIND: tl.constexpr, F_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """``SKIP`` points to an int32 flag: non-zero means write nothing (a failed check upstream)."""
     pid = tl.program_id(0)
     t = tl.load(BLOCK_TENSOR + pid)
     start = tl.load(BLOCK_START + pid)
     n = tl.load(NUMELS + t)
-    s_ptr = _as_ptr(tl.load(SLOW_ADDRS + t), S_KIND)
-    f_ptr = _as_ptr(tl.load(FAST_ADDRS + t), F_KIND)
+    s_ptr = as_pointer(tl.load(SLOW_ADDRS + t), S_KIND)
+    f_ptr = as_pointer(tl.load(FAST_ADDRS + t), F_KIND)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
+    mask = (offs < n) & (tl.load(SKIP) == 0)
     s = load_f32(s_ptr + offs, mask, S_KIND)
     f = load_f32(f_ptr + offs, mask, F_KIND)
     store_rounded(s_ptr + offs, alpha * s + (1.0 - alpha) * f, mask, 0, S_KIND, False)

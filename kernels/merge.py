@@ -21,16 +21,16 @@ from .common import load_f32, noise_from_words, store_rounded, stream_words
 
 
 @triton.jit
-def merge_kernel(
+def merge_panel(
     W, X, Y, M, N,
     stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
-    scale, noise_scaled, seed, row_offset, ROW_PROGRAMS, ITERS,
-    R: tl.constexpr, R_PAD: tl.constexpr,
-    HAS_DELTA: tl.constexpr, HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr,
-    W_KIND: tl.constexpr, ALIGNED4: tl.constexpr,
+    scale, noise_scaled, seed, row_offset, pid_n, pid_m, ROW_PROGRAMS, ITERS, R,
+    R_PAD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_NOISE: tl.constexpr,
+    STOCHASTIC: tl.constexpr, W_KIND: tl.constexpr, ALIGNED4: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    col0 = tl.program_id(0) * BLOCK_N
+    """Column panel ``pid_n``, row blocks ``pid_m, pid_m + ROW_PROGRAMS, ...`` of one weight."""
+    col0 = pid_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     cols64 = cols.to(tl.int64)
@@ -39,7 +39,7 @@ def merge_kernel(
         y = tl.load(Y + k[:, None] * stride_yk + cols64[None, :] * stride_yn,
                     mask=(k[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
     for i in tl.range(0, ITERS, num_stages=NUM_STAGES):
-        rows = (tl.program_id(1) + i * ROW_PROGRAMS) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = (pid_m + i * ROW_PROGRAMS) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         rows64 = rows.to(tl.int64)
         mask = row_ok[:, None] & col_ok[None, :]
@@ -56,3 +56,19 @@ def merge_kernel(
         if HAS_NOISE:
             v = v + noise_from_words(words, noise_scaled)
         store_rounded(w_ptrs, v, mask, words, W_KIND, STOCHASTIC)
+
+
+@triton.jit
+def merge_kernel(
+    W, X, Y, M, N,
+    stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
+    scale, noise_scaled, seed, row_offset, ROW_PROGRAMS, ITERS,
+    R: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    W_KIND: tl.constexpr, ALIGNED4: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
+                scale, noise_scaled, seed, row_offset, tl.program_id(0), tl.program_id(1),
+                ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE, STOCHASTIC, W_KIND, ALIGNED4,
+                BLOCK_M, BLOCK_N, NUM_STAGES)

@@ -30,22 +30,22 @@ def _factor_tile(S, F, s_offs, f_offs, mask, alpha, EMA: tl.constexpr,
 
 
 @triton.jit
-def gram_partial_kernel(
+def gram_part(
     A_s, A_f, B_s, B_f, WS, R, IN, OUT,
     stride_ak, stride_aj, stride_afk, stride_afj,
     stride_bi, stride_bk, stride_bfi, stride_bfk,
-    alpha, SPLIT_A, CHUNK_A, CHUNK_B,
+    alpha, part, SPLIT_A, CHUNK_A, CHUNK_B,
     EMA: tl.constexpr, A_KIND: tl.constexpr, AF_KIND: tl.constexpr,
     B_KIND: tl.constexpr, BF_KIND: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """Partial Gram and sums of chunk ``part`` (of A's columns, then of B's rows) into WS."""
     k = tl.arange(0, R_PAD)
     k_ok = k < R
     gram = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
     sums = tl.zeros((R_PAD,), dtype=tl.float32)
-    if pid < SPLIT_A:
-        start = pid * CHUNK_A
+    if part < SPLIT_A:
+        start = part * CHUNK_A
         stop = tl.minimum(start + CHUNK_A, IN)
         for j0 in range(start, stop, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
@@ -58,7 +58,7 @@ def gram_partial_kernel(
             gram += tl.dot(tl.trans(t), t, input_precision="ieee")
             sums += tl.sum(t, axis=0)
     else:
-        start = (pid - SPLIT_A) * CHUNK_B
+        start = (part - SPLIT_A) * CHUNK_B
         stop = tl.minimum(start + CHUNK_B, OUT)
         for i0 in range(start, stop, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
@@ -69,13 +69,29 @@ def gram_partial_kernel(
                              EMA, B_KIND, BF_KIND)
             gram += tl.dot(tl.trans(t), t, input_precision="ieee")
             sums += tl.sum(t, axis=0)
-    base = WS + pid * (R_PAD * R_PAD + R_PAD)
+    base = WS + part * (R_PAD * R_PAD + R_PAD)
     tl.store(base + k[:, None] * R_PAD + k[None, :], gram)
     tl.store(base + R_PAD * R_PAD + k, sums)
 
 
 @triton.jit
-def moments_finalize_kernel(WS, OUT_PTR, SPLIT_A, SPLIT_B, numel, scale, R_PAD: tl.constexpr):
+def gram_partial_kernel(
+    A_s, A_f, B_s, B_f, WS, R, IN, OUT,
+    stride_ak, stride_aj, stride_afk, stride_afj,
+    stride_bi, stride_bk, stride_bfi, stride_bfk,
+    alpha, SPLIT_A, CHUNK_A, CHUNK_B,
+    EMA: tl.constexpr, A_KIND: tl.constexpr, AF_KIND: tl.constexpr,
+    B_KIND: tl.constexpr, BF_KIND: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    gram_part(A_s, A_f, B_s, B_f, WS, R, IN, OUT, stride_ak, stride_aj, stride_afk, stride_afj,
+              stride_bi, stride_bk, stride_bfi, stride_bfk, alpha, tl.program_id(0), SPLIT_A,
+              CHUNK_A, CHUNK_B, EMA, A_KIND, AF_KIND, B_KIND, BF_KIND, R_PAD, BLOCK)
+
+
+@triton.jit
+def moments_from_parts(WS, SPLIT_A, SPLIT_B, numel, scale, R_PAD: tl.constexpr):
+    """``(mean, std)`` in fp64 from the partial Grams and sums (NaN and Inf propagate)."""
     k = tl.arange(0, R_PAD)
     g_idx = k[:, None] * R_PAD + k[None, :]
     STRIDE: tl.constexpr = R_PAD * R_PAD + R_PAD
@@ -96,5 +112,11 @@ def moments_finalize_kernel(WS, OUT_PTR, SPLIT_A, SPLIT_B, numel, scale, R_PAD: 
     mean = total / n
     var = sumsq - total * mean
     var = tl.where(var != var, var, tl.maximum(var, 0.0)) / tl.maximum(n - 1.0, 1.0)  # keep NaN
+    return mean, tl.sqrt(var)
+
+
+@triton.jit
+def moments_finalize_kernel(WS, OUT_PTR, SPLIT_A, SPLIT_B, numel, scale, R_PAD: tl.constexpr):
+    mean, std = moments_from_parts(WS, SPLIT_A, SPLIT_B, numel, scale, R_PAD)
     tl.store(OUT_PTR, mean.to(tl.float32))
-    tl.store(OUT_PTR + 1, tl.sqrt(var).to(tl.float32))
+    tl.store(OUT_PTR + 1, std.to(tl.float32))

