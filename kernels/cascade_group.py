@@ -10,6 +10,9 @@ Failure without a host round trip: ``moments_group_kernel`` raises an int32 flag
 max) when any layer's std is not finite, and every merge (and the EMA) program reads the
 flag first and writes nothing if it is set; the host checks the flag once, at the end.
 
+Per-boundary values live in device memory (the seeds, one int64 per layer), so a plan's
+tables are built once and reused by every boundary (``lorasc_fast.group_plan``).
+
 Extra memory: the tables (a few hundred bytes per layer) and the moments' workspace.
 """
 import triton
@@ -25,8 +28,8 @@ GRAM_FIELDS = ("A_s", "A_f", "B_s", "B_f", "R", "IN", "OUT",
                "stride_bi", "stride_bk", "stride_bfi", "stride_bfk",
                "split_a", "split_b", "chunk_a", "chunk_b", "ws_offset", "std_index")
 MERGE_FIELDS = ("W", "X", "Y", "M", "N", "stride_wm", "stride_wn", "stride_xm", "stride_xk",
-                "stride_yk", "stride_yn", "R", "seed", "row_offset", "col_blocks",
-                "row_programs", "iters", "std_index")
+                "stride_yk", "stride_yn", "R", "row_offset", "col_blocks", "row_programs",
+                "iters", "std_index")
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def moments_group_kernel(LAYERS, SCALES, WS, STD, FLAG, NF: tl.constexpr, R_PAD:
 
 @triton.jit
 def merge_group_kernel(
-    LAYERS, OFFSETS, SCALES, STD, FLAG, noise_lambda_scaled,
+    LAYERS, OFFSETS, SCALES, STD, SEEDS, FLAG, noise_lambda_scaled,
     NF: tl.constexpr, L_PAD: tl.constexpr, R_PAD: tl.constexpr,
     HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr, W_KIND: tl.constexpr,
     X_KIND: tl.constexpr, Y_KIND: tl.constexpr, ALIGNED4: tl.constexpr,
@@ -75,13 +78,14 @@ def merge_group_kernel(
     layer, local = _find_layer(OFFSETS, tl.program_id(0), L_PAD)
     if tl.load(FLAG) == 0:
         f = LAYERS + layer * NF
-        col_blocks = tl.load(f + 14)
-        noise_scaled = noise_lambda_scaled * tl.load(STD + tl.load(f + 17))
+        col_blocks = tl.load(f + 13)
+        std_index = tl.load(f + 16)
+        noise_scaled = noise_lambda_scaled * tl.load(STD + std_index)
         merge_panel(as_pointer(tl.load(f + 0), W_KIND), as_pointer(tl.load(f + 1), X_KIND),
                     as_pointer(tl.load(f + 2), Y_KIND), tl.load(f + 3), tl.load(f + 4),
                     tl.load(f + 5), tl.load(f + 6), tl.load(f + 7), tl.load(f + 8),
                     tl.load(f + 9), tl.load(f + 10), tl.load(SCALES + layer), noise_scaled,
-                    tl.load(f + 12), tl.load(f + 13), local % col_blocks, local // col_blocks,
-                    tl.load(f + 15), tl.load(f + 16), tl.load(f + 11),
+                    tl.load(SEEDS + std_index), tl.load(f + 12), local % col_blocks,
+                    local // col_blocks, tl.load(f + 14), tl.load(f + 15), tl.load(f + 11),
                     R_PAD, True, HAS_NOISE, STOCHASTIC, W_KIND, ALIGNED4,
                     BLOCK_M, BLOCK_N, NUM_STAGES)

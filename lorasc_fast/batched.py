@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops, torch_path, triton_path
+from .group_plan import CascadePlan
 from . import validation as v
 
 
@@ -68,8 +69,11 @@ def _raise_for_std(layers, values) -> None:
 
 @torch.no_grad()
 def cascade_merge_many_(layers, *, alpha: float, noise_lambda: float = 0.0,
-                        rounding: str = "nearest", backend=None) -> torch.Tensor:
+                        rounding: str = "nearest", backend=None, plan=None) -> torch.Tensor:
     """One cascade boundary for every layer; returns the stds (fp32, one per layer).
+
+    ``plan``: a ``group_plan.CascadePlan`` built earlier for the same tensors (same
+    rounding), reused to skip rebuilding its tables; rebuilt if the tensors moved.
 
     Everything is validated, and every std checked finite, before the first write. Layers
     must not share weights or slow factors with one another. Extra memory: O(r^2) per layer
@@ -96,12 +100,13 @@ def cascade_merge_many_(layers, *, alpha: float, noise_lambda: float = 0.0,
             backend="reference") for layer in layers])
     factors = [t for layer in layers for t in (layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast)]
     if backend == "triton" and all(t.is_contiguous() for t in factors):
-        stds, flag = triton_path.cascade_group(layers, alpha=alpha, noise_lambda=noise_lambda,
-                                               rounding=rounding)
-        failed, values = bool(flag.item()), stds.cpu().tolist()  # the one sync of the boundary
+        if plan is None or plan.rounding != rounding or not plan.matches(layers):
+            plan = CascadePlan(layers, rounding=rounding)
+        plan.launch(alpha, noise_lambda, [layer.seed for layer in layers])
+        failed, values = bool(plan.flag.item()), plan.stds.cpu().tolist()  # the one sync
         if failed:
             _raise_for_std(layers, values)
-        return stds
+        return plan.stds.clone()
     moments = torch_path.lowrank_moments if backend == "torch" else triton_path.moments
     stds = torch.stack([
         moments(layer.A_slow, layer.B_slow, layer.scale,

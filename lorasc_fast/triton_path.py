@@ -135,24 +135,35 @@ def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: floa
     for s, f in zip(slow, fast):
         if s.numel():
             groups.setdefault((s.dtype, f.dtype), []).append((s, f))
-    block = 1024
     if groups and skip is None:
         skip = torch.zeros(1, dtype=torch.int32, device=next(iter(groups.values()))[0][0].device)
-    for (s_dtype, f_dtype), pairs in groups.items():
-        numels = np.array([s.numel() for s, _ in pairs], dtype=np.int64)
-        counts = -(-numels // block)
-        first = np.repeat(np.cumsum(counts) - counts, counts)
-        block_tensor = np.repeat(np.arange(len(pairs)), counts)
-        block_start = (np.arange(counts.sum()) - first) * block
-        table = np.concatenate([[s.data_ptr() for s, _ in pairs], [f.data_ptr() for _, f in pairs],
-                                numels, block_tensor, block_start]).astype(np.int64)
-        table = torch.from_numpy(table).to(pairs[0][0].device)
-        n, nb = len(pairs), int(counts.sum())
-        ema.ema_kernel[(nb,)](
-            table[:n], table[n:2 * n], table[2 * n:3 * n], table[3 * n:3 * n + nb],
-            table[3 * n + nb:], skip, float(alpha),
-            S_KIND=_KIND[s_dtype], F_KIND=_KIND[f_dtype], BLOCK=block,
-        )
+    for launch in [ema_launch(pairs) for pairs in groups.values()]:
+        launch(alpha, skip)
+
+
+EMA_BLOCK = 1024
+
+
+def ema_launch(pairs):
+    """Build the address and block tables of one EMA launch (one dtype pair) once; return a
+    function ``(alpha, skip) -> None`` that launches it."""
+    _, _, ema, _ = _kernels()
+    numels = np.array([s.numel() for s, _ in pairs], dtype=np.int64)
+    counts = -(-numels // EMA_BLOCK)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    block_tensor = np.repeat(np.arange(len(pairs)), counts)
+    block_start = (np.arange(counts.sum()) - first) * EMA_BLOCK
+    table = np.concatenate([[s.data_ptr() for s, _ in pairs], [f.data_ptr() for _, f in pairs],
+                            numels, block_tensor, block_start]).astype(np.int64)
+    table = torch.from_numpy(table).to(pairs[0][0].device)
+    n, nb = len(pairs), int(counts.sum())
+    kinds = dict(S_KIND=_KIND[pairs[0][0].dtype], F_KIND=_KIND[pairs[0][1].dtype])
+
+    def launch(alpha, skip):
+        ema.ema_kernel[(nb,)](table[:n], table[n:2 * n], table[2 * n:3 * n],
+                              table[3 * n:3 * n + nb], table[3 * n + nb:], skip, float(alpha),
+                              BLOCK=EMA_BLOCK, **kinds)
+    return launch
 
 
 def stream_words(rows: int, cols: int, seed: int, row_offset: int, device) -> torch.Tensor:
@@ -164,116 +175,3 @@ def stream_words(rows: int, cols: int, seed: int, row_offset: int, device) -> to
             out, rows, cols, int(seed), int(row_offset), ALIGNED4=cols % 4 == 0,
             BLOCK_M=bm, BLOCK_N=bn)
     return out.to(torch.int64) & 0xFFFFFFFF
-
-
-def _address_table(rows, fields) -> np.ndarray:
-    return np.array([[row[f] for f in fields] for row in rows], dtype=np.int64).reshape(-1)
-
-
-def _offsets(counts) -> np.ndarray:
-    """First program of each layer, padded to a power of two with int32 max."""
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    pad = _pow2_at_least(len(first) + 1, 1)
-    return np.concatenate([first, np.full(pad - len(first), 2**31 - 1, dtype=np.int64)])
-
-
-def _signed64(seed: int) -> int:
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
-
-
-def cascade_group(layers, *, alpha, noise_lambda, rounding):
-    """Moments, EMA and merges of many layers (``batched.CascadeLayer``) in few launches.
-
-    Returns ``(stds, flag)`` on the device; ``flag`` is non-zero if some std was not
-    finite, in which case nothing was written. The caller reads both with one sync.
-    """
-    from .kernels import cascade_group as cg
-    merge, _, ema, _ = _kernels()
-    device = layers[0].W.device
-    n = len(layers)
-    stds = torch.empty(n, dtype=torch.float32, device=device)
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-    # grouped moments of the EMA'd slow factors
-    gram_groups: dict = {}
-    for idx, L in enumerate(layers):
-        key = (L.A_slow.dtype, L.A_fast.dtype, L.B_slow.dtype, L.B_fast.dtype,
-               _pow2_at_least(L.A_slow.shape[0], 16))
-        gram_groups.setdefault(key, []).append(idx)
-    slot = lambda r_pad: r_pad * r_pad + r_pad  # noqa: E731
-    budget = (1 << 18) // max(1, len(layers))  # workspace floats per layer: 1 MiB in all
-    chunk_target = 2048 if device.type == "cuda" else 1 << 30
-    plans, ws_total = [], 0
-    for key, idxs in gram_groups.items():
-        r_pad = key[4]
-        rows, counts = [], []
-        for idx in idxs:
-            L = layers[idx]
-            R, IN = L.A_slow.shape
-            OUT = L.B_slow.shape[0]
-            parts = max(1, budget // slot(r_pad) // 2)
-            split_a = max(1, min(parts, -(-IN // chunk_target)))
-            split_b = max(1, min(parts, -(-OUT // chunk_target)))
-            As, Af, Bs, Bf = L.A_slow, L.A_fast, L.B_slow, L.B_fast
-            rows.append(dict(A_s=As.data_ptr(), A_f=Af.data_ptr(), B_s=Bs.data_ptr(),
-                             B_f=Bf.data_ptr(), R=R, IN=IN, OUT=OUT,
-                             stride_ak=As.stride(0), stride_aj=As.stride(1),
-                             stride_afk=Af.stride(0), stride_afj=Af.stride(1),
-                             stride_bi=Bs.stride(0), stride_bk=Bs.stride(1),
-                             stride_bfi=Bf.stride(0), stride_bfk=Bf.stride(1),
-                             split_a=split_a, split_b=split_b, chunk_a=-(-IN // split_a),
-                             chunk_b=-(-OUT // split_b), ws_offset=ws_total, std_index=idx))
-            ws_total += (split_a + split_b) * slot(r_pad)
-            counts.append(split_a + split_b)
-        plans.append((key, idxs, rows, counts))
-    ws = torch.empty(ws_total, dtype=torch.float32, device=device)
-    for key, idxs, rows, counts in plans:
-        table = torch.from_numpy(_address_table(rows, cg.GRAM_FIELDS)).to(device)
-        offsets = _offsets(counts)
-        scales = torch.tensor([layers[i].scale for i in idxs], dtype=torch.float32).to(device)
-        cg.gram_group_kernel[(int(sum(counts)),)](
-            table, torch.from_numpy(offsets).to(device), ws, float(alpha),
-            NF=len(cg.GRAM_FIELDS), L_PAD=len(offsets), A_KIND=_KIND[key[0]],
-            AF_KIND=_KIND[key[1]], B_KIND=_KIND[key[2]], BF_KIND=_KIND[key[3]], R_PAD=key[4],
-            BLOCK=128 if device.type == "cuda" else 64)
-        cg.moments_group_kernel[(len(idxs),)](table, scales, ws, stds, flag,
-                                               NF=len(cg.GRAM_FIELDS), R_PAD=key[4])
-    # EMA of every slow pair, skipped if a std failed
-    ema_([t for L in layers for t in (L.A_slow, L.B_slow)],
-         [t for L in layers for t in (L.A_fast, L.B_fast)], alpha, skip=flag)
-    # grouped merges
-    native = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 3}
-    merge_groups: dict = {}
-    for idx, L in enumerate(layers):
-        X, Y = (L.A_slow.T, L.B_slow.T) if L.fan_in_fan_out else (L.B_slow, L.A_slow)
-        key = (L.W.dtype, X.dtype, Y.dtype, _pow2_at_least(X.shape[1], 16), L.W.shape[1] % 4 == 0)
-        merge_groups.setdefault(key, []).append((idx, X, Y))
-    sms = _sm_count(device)
-    for key, items in merge_groups.items():
-        rows, counts = [], []
-        first = layers[items[0][0]].W
-        tile = {"NUM_STAGES": 1, **merge_config(*first.shape, key[3], device)}
-        for idx, X, Y in items:
-            L = layers[idx]
-            M, N = L.W.shape
-            col_blocks = -(-N // tile["BLOCK_N"])
-            row_blocks = -(-M // tile["BLOCK_M"])
-            row_programs = max(1, min(row_blocks, -(-8 * sms // col_blocks)))
-            rows.append(dict(W=L.W.data_ptr(), X=X.data_ptr(), Y=Y.data_ptr(), M=M, N=N,
-                             stride_wm=L.W.stride(0), stride_wn=L.W.stride(1),
-                             stride_xm=X.stride(0), stride_xk=X.stride(1),
-                             stride_yk=Y.stride(0), stride_yn=Y.stride(1), R=X.shape[1],
-                             seed=_signed64(L.seed), row_offset=L.row_offset,
-                             col_blocks=col_blocks, row_programs=row_programs,
-                             iters=-(-row_blocks // row_programs), std_index=idx))
-            counts.append(col_blocks * row_programs)
-        table = torch.from_numpy(_address_table(rows, cg.MERGE_FIELDS)).to(device)
-        offsets = _offsets(counts)
-        scales = torch.tensor([layers[i].scale for i, _, _ in items], dtype=torch.float32).to(device)
-        cg.merge_group_kernel[(int(sum(counts)),)](
-            table, torch.from_numpy(offsets).to(device), scales, stds, flag,
-            float(noise_lambda) * 2.0 ** -16, NF=len(cg.MERGE_FIELDS), L_PAD=len(offsets),
-            R_PAD=key[3], HAS_NOISE=noise_lambda != 0.0,
-            STOCHASTIC=rounding == "stochastic" and key[0] != torch.float32,
-            W_KIND=_KIND[key[0]], X_KIND=native[key[1]], Y_KIND=native[key[2]], ALIGNED4=key[4],
-            **tile)
-    return stds, flag

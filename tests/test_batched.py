@@ -64,3 +64,22 @@ def test_many_rejects_before_writing(gen):
     with pytest.raises(ValueError, match="share a weight"):
         cascade_merge_many_(layers + [twin], alpha=0.5)
     assert unchanged()
+
+
+def test_plan_reuse_across_boundaries(gen):
+    """A plan built once serves later boundaries (new seeds, new alpha) like fresh calls."""
+    from lorasc_fast.group_plan import CascadePlan
+    layers = _layers(gen, extra=[(50, 36, 20, False)])
+    fresh = _clone(layers)
+    plan = CascadePlan(layers, rounding="stochastic")
+    for boundary, alpha in enumerate((0.8, 0.5)):
+        for group in (layers, fresh):
+            for i, layer in enumerate(group):
+                layer.seed = 1000 * boundary + i
+        a = cascade_merge_many_(layers, alpha=alpha, noise_lambda=1.0, rounding="stochastic",
+                                backend="triton", plan=plan)
+        b = cascade_merge_many_(fresh, alpha=alpha, noise_lambda=1.0, rounding="stochastic",
+                                backend="triton")
+        assert torch.equal(a, b)
+        assert all(torch.equal(x.W, y.W) and torch.equal(x.A_slow, y.A_slow)
+                   for x, y in zip(layers, fresh))

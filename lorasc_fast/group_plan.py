@@ -1,0 +1,170 @@
+"""Launch plans of a whole-model boundary on the Triton backend (``kernels/cascade_group.py``).
+
+A ``CascadePlan`` turns a list of ``CascadeLayer`` into device tables once: the grouped
+moments launches (one per storage-kind/rank group), the EMA launches (one per dtype pair)
+and the grouped merge launches. ``launch(alpha, noise_lambda, seeds)`` then costs a seed
+upload and a handful of launches, with no host round trip: a non-finite std raises a
+device flag that every writing kernel checks first. The tables hold raw addresses, so a
+plan is valid while its tensors stay where they are (``matches(layers)`` checks that).
+
+Memory: tables of ~200 bytes per layer, one workspace for the partial Grams (capped at
+1 MiB in all), the stds and seeds (one float and one int64 per layer).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import triton_path as tp
+
+_NATIVE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 3}  # as_pointer kinds
+_WS_FLOATS = 1 << 18  # 1 MiB of partial Grams for the whole plan
+_MAX_PROGRAMS_PER_SM = 8
+
+
+def _table(rows, fields, device) -> torch.Tensor:
+    flat = np.array([[row[f] for f in fields] for row in rows], dtype=np.int64).reshape(-1)
+    return torch.from_numpy(flat).to(device)
+
+
+def _offsets(counts, device) -> torch.Tensor:
+    """First program of each layer, padded to a power of two with int32 max."""
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    pad = tp._pow2_at_least(len(first) + 1, 1)
+    return torch.from_numpy(np.concatenate([first, np.full(pad - len(first), 2**31 - 1)])).to(device)
+
+
+def _signature(layers):
+    return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for L in layers
+                 for t in (L.W, L.A_slow, L.B_slow, L.A_fast, L.B_fast))
+
+
+class CascadePlan:
+    """Device tables for ``cascade_merge_many_`` on the Triton backend (contiguous factors)."""
+
+    def __init__(self, layers, *, rounding: str = "nearest"):
+        from .kernels import cascade_group as cg
+        self.cg = cg
+        self.layers = list(layers)
+        self.rounding = rounding
+        self.device = self.layers[0].W.device
+        self.signature = _signature(self.layers)
+        n = len(self.layers)
+        self.stds = torch.empty(n, dtype=torch.float32, device=self.device)
+        self.seeds = torch.empty(n, dtype=torch.int64, device=self.device)
+        self.flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._plan_moments()
+        self.ema_launches = [tp.ema_launch(pairs) for pairs in self._ema_groups().values()]
+        self._plan_merges()
+
+    def matches(self, layers) -> bool:
+        return _signature(list(layers)) == self.signature
+
+    def _groups(self, key_of):
+        groups: dict = {}
+        for idx, L in enumerate(self.layers):
+            groups.setdefault(key_of(L), []).append(idx)
+        return groups
+
+    def _plan_moments(self):
+        slot = lambda r_pad: r_pad * r_pad + r_pad  # noqa: E731
+        chunk_target = 2048 if self.device.type == "cuda" else 1 << 30
+        per_layer = max(2, _WS_FLOATS // len(self.layers))
+        self.moment_launches, ws_total = [], 0
+        groups = self._groups(lambda L: (L.A_slow.dtype, L.A_fast.dtype, L.B_slow.dtype,
+                                         L.B_fast.dtype, tp._pow2_at_least(L.A_slow.shape[0], 16)))
+        for key, idxs in groups.items():
+            r_pad = key[4]
+            parts = max(1, per_layer // slot(r_pad) // 2)
+            rows, counts = [], []
+            for idx in idxs:
+                L = self.layers[idx]
+                (R, IN), OUT = L.A_slow.shape, L.B_slow.shape[0]
+                split_a = max(1, min(parts, -(-IN // chunk_target)))
+                split_b = max(1, min(parts, -(-OUT // chunk_target)))
+                As, Af, Bs, Bf = (tp.storage(t) for t in (L.A_slow, L.A_fast, L.B_slow, L.B_fast))
+                rows.append(dict(
+                    A_s=As.data_ptr(), A_f=Af.data_ptr(), B_s=Bs.data_ptr(), B_f=Bf.data_ptr(),
+                    R=R, IN=IN, OUT=OUT, stride_ak=As.stride(0), stride_aj=As.stride(1),
+                    stride_afk=Af.stride(0), stride_afj=Af.stride(1), stride_bi=Bs.stride(0),
+                    stride_bk=Bs.stride(1), stride_bfi=Bf.stride(0), stride_bfk=Bf.stride(1),
+                    split_a=split_a, split_b=split_b, chunk_a=-(-IN // split_a),
+                    chunk_b=-(-OUT // split_b), ws_offset=ws_total, std_index=idx))
+                ws_total += (split_a + split_b) * slot(r_pad)
+                counts.append(split_a + split_b)
+            self.moment_launches.append(dict(
+                table=_table(rows, self.cg.GRAM_FIELDS, self.device),
+                offsets=_offsets(counts, self.device), programs=int(sum(counts)), layers=len(idxs),
+                scales=torch.tensor([self.layers[i].scale for i in idxs], dtype=torch.float32
+                                    ).to(self.device),
+                kinds=dict(A_KIND=tp._KIND[key[0]], AF_KIND=tp._KIND[key[1]],
+                           B_KIND=tp._KIND[key[2]], BF_KIND=tp._KIND[key[3]], R_PAD=r_pad)))
+        self.ws = torch.empty(max(1, ws_total), dtype=torch.float32, device=self.device)
+
+    def _ema_groups(self):
+        groups: dict = {}
+        for L in self.layers:
+            for s, f in ((L.A_slow, L.A_fast), (L.B_slow, L.B_fast)):
+                if s.numel():
+                    groups.setdefault((s.dtype, f.dtype), []).append((s, f))
+        return groups
+
+    def _factors(self, L):
+        return (L.A_slow.T, L.B_slow.T) if L.fan_in_fan_out else (L.B_slow, L.A_slow)
+
+    def _plan_merges(self):
+        sms = tp._sm_count(self.device)
+        self.merge_launches = []
+        groups = self._groups(lambda L: (L.W.dtype, *(t.dtype for t in self._factors(L)),
+                                         tp._pow2_at_least(L.A_slow.shape[0], 16),
+                                         L.W.shape[1] % 4 == 0))
+        for key, idxs in groups.items():
+            first = self.layers[idxs[0]].W
+            tile = {"NUM_STAGES": 1, **tp.merge_config(*first.shape, key[3], self.device)}
+            rows, counts = [], []
+            for idx in idxs:
+                L = self.layers[idx]
+                X, Y = self._factors(L)
+                M, N = L.W.shape
+                col_blocks = -(-N // tile["BLOCK_N"])
+                row_blocks = -(-M // tile["BLOCK_M"])
+                row_programs = max(1, min(row_blocks, -(-_MAX_PROGRAMS_PER_SM * sms // col_blocks)))
+                W = tp.storage(L.W)
+                rows.append(dict(W=W.data_ptr(), X=X.data_ptr(), Y=Y.data_ptr(), M=M, N=N,
+                                 stride_wm=W.stride(0), stride_wn=W.stride(1),
+                                 stride_xm=X.stride(0), stride_xk=X.stride(1),
+                                 stride_yk=Y.stride(0), stride_yn=Y.stride(1), R=X.shape[1],
+                                 row_offset=L.row_offset, col_blocks=col_blocks,
+                                 row_programs=row_programs, iters=-(-row_blocks // row_programs),
+                                 std_index=idx))
+                counts.append(col_blocks * row_programs)
+            self.merge_launches.append(dict(
+                table=_table(rows, self.cg.MERGE_FIELDS, self.device),
+                offsets=_offsets(counts, self.device), programs=int(sum(counts)),
+                scales=torch.tensor([self.layers[i].scale for i in idxs], dtype=torch.float32
+                                    ).to(self.device),
+                consts=dict(R_PAD=key[3], STOCHASTIC=self.rounding == "stochastic" and
+                            key[0] != torch.float32, W_KIND=tp._KIND[key[0]],
+                            X_KIND=_NATIVE[key[1]], Y_KIND=_NATIVE[key[2]], ALIGNED4=key[4], **tile)))
+
+    def launch(self, alpha: float, noise_lambda: float, seeds) -> None:
+        """Enqueue one boundary; ``self.flag`` and ``self.stds`` are valid once it has run."""
+        cg = self.cg
+        signed = [s - (1 << 64) if s >= 1 << 63 else s for s in seeds]
+        self.seeds.copy_(torch.tensor(signed, dtype=torch.int64))
+        self.flag.zero_()
+        block = 128 if self.device.type == "cuda" else 64
+        for m in self.moment_launches:
+            cg.gram_group_kernel[(m["programs"],)](
+                m["table"], m["offsets"], self.ws, float(alpha), NF=len(cg.GRAM_FIELDS),
+                L_PAD=len(m["offsets"]), BLOCK=block, **m["kinds"])
+            cg.moments_group_kernel[(m["layers"],)](m["table"], m["scales"], self.ws, self.stds,
+                                                    self.flag, NF=len(cg.GRAM_FIELDS),
+                                                    R_PAD=m["kinds"]["R_PAD"])
+        for launch in self.ema_launches:
+            launch(alpha, self.flag)
+        for m in self.merge_launches:
+            cg.merge_group_kernel[(m["programs"],)](
+                m["table"], m["offsets"], m["scales"], self.stds, self.seeds, self.flag,
+                float(noise_lambda) * 2.0 ** -16, NF=len(cg.MERGE_FIELDS), L_PAD=len(m["offsets"]),
+                HAS_NOISE=noise_lambda != 0.0, **m["consts"])
