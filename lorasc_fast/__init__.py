@@ -16,6 +16,10 @@ _LAZY = {
     "patch_peft": "lorasc_fast.peft_patch",
     "unpatch_peft": "lorasc_fast.peft_patch",
     "dora_merge_": "lorasc_fast.dora",
+    "dora_weight_norm": "lorasc_fast.dora",
+    "dora_unmerge_": "lorasc_fast.dora",
+    "cascade_merge_many_": "lorasc_fast.batched",
+    "CascadeLayer": "lorasc_fast.batched",
 }
 
 __all__ = ["merge_", "add_noise_", "ema_", "cascade_merge_", "lowrank_moments", "stream_words",

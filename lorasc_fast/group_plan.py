@@ -97,8 +97,8 @@ class CascadePlan:
                 offsets=_offsets(counts, self.device), programs=int(sum(counts)), layers=len(idxs),
                 scales=torch.tensor([self.layers[i].scale for i in idxs], dtype=torch.float32
                                     ).to(self.device),
-                kinds=dict(A_KIND=tp._KIND[key[0]], AF_KIND=tp._KIND[key[1]],
-                           B_KIND=tp._KIND[key[2]], BF_KIND=tp._KIND[key[3]], R_PAD=r_pad)))
+                kinds=dict(A_KIND=tp.STORAGE_KIND[key[0]], AF_KIND=tp.STORAGE_KIND[key[1]],
+                           B_KIND=tp.STORAGE_KIND[key[2]], BF_KIND=tp.STORAGE_KIND[key[3]], R_PAD=r_pad)))
         self.ws = torch.empty(max(1, ws_total), dtype=torch.float32, device=self.device)
 
     def _ema_groups(self):
@@ -144,7 +144,7 @@ class CascadePlan:
                 scales=torch.tensor([self.layers[i].scale for i in idxs], dtype=torch.float32
                                     ).to(self.device),
                 consts=dict(R_PAD=key[3], STOCHASTIC=self.rounding == "stochastic" and
-                            key[0] != torch.float32, W_KIND=tp._KIND[key[0]],
+                            key[0] != torch.float32, W_KIND=tp.STORAGE_KIND[key[0]],
                             X_KIND=_NATIVE[key[1]], Y_KIND=_NATIVE[key[2]], ALIGNED4=key[4], **tile)))
 
     def launch(self, alpha: float, noise_lambda: float, seeds) -> None:

@@ -18,21 +18,12 @@ from . import validation as v
 __all__ = ["lowrank_moments", "merge_", "add_noise_", "ema_", "cascade_merge_", "stream_words"]
 
 
-def _resolve(backend, device: torch.device) -> str:
-    v.check_backend(backend)
-    if backend is None:
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton":
-        triton_path.check_available(device)
-    return backend
-
-
 def _check_common(W, rounding, seed, row_offset, backend):
     v.check_weight(W)
     v.check_rounding(rounding)
     v.check_index("seed", seed, v.SEED_LIMIT)
     v.check_index("row_offset", row_offset)
-    return _resolve(backend, W.device)
+    return v.resolve_backend(backend, W.device)
 
 
 def _check_factors(W, A, B, fan_in_fan_out, a_name="A", b_name="B"):
@@ -54,7 +45,7 @@ def lowrank_moments(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, *, bac
     v.check_pair_shapes(A, B)
     v.check_same_device(A=A, B=B)
     scale = v.check_scalar("scale", scale)
-    backend = _resolve(backend, A.device)
+    backend = v.resolve_backend(backend, A.device)
     v.check_finite(A=A, B=B)
     if backend == "reference":
         return reference.lowrank_moments(A, B, scale)
@@ -124,7 +115,7 @@ def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: floa
     if not slow:
         return
     v.check_same_device(**{f"slow[{i}]": s for i, s in enumerate(slow)})
-    backend = _resolve(backend, slow[0].device)
+    backend = v.resolve_backend(backend, slow[0].device)
     v.check_finite(**{f"fast[{i}]": f for i, f in enumerate(fast)})
     _ema(slow, fast, alpha, backend)
 
@@ -206,7 +197,7 @@ def stream_words(rows: int, cols: int, *, seed: int = 0, row_offset: int = 0, de
     v.check_index("seed", seed, v.SEED_LIMIT)
     v.check_index("row_offset", row_offset)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    backend = _resolve(backend, device)
+    backend = v.resolve_backend(backend, device)
     if backend == "triton":
         return triton_path.stream_words(rows, cols, seed, row_offset, device)
     from . import stream

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+STORAGE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -87,7 +87,7 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
         R=R, R_PAD=_pow2_at_least(R, 16),
         HAS_DELTA=has_delta, HAS_NOISE=noise != 0.0,
         STOCHASTIC=rounding == "stochastic" and W.dtype != torch.float32,
-        W_KIND=_KIND[W.dtype], ALIGNED4=aligned4 and N % 4 == 0,
+        W_KIND=STORAGE_KIND[W.dtype], ALIGNED4=aligned4 and N % 4 == 0,
         **cfg, **extra,
     )
 
@@ -116,8 +116,8 @@ def moments(A, B, scale, *, ema=None) -> torch.Tensor:
         A.stride(0), A.stride(1), A_f.stride(0), A_f.stride(1),
         B.stride(0), B.stride(1), B_f.stride(0), B_f.stride(1),
         float(alpha), split_a, chunk_a, chunk_b,
-        EMA=ema is not None, A_KIND=_KIND[A.dtype], AF_KIND=_KIND[A_f.dtype],
-        B_KIND=_KIND[B.dtype], BF_KIND=_KIND[B_f.dtype], R_PAD=R_PAD, BLOCK=block,
+        EMA=ema is not None, A_KIND=STORAGE_KIND[A.dtype], AF_KIND=STORAGE_KIND[A_f.dtype],
+        B_KIND=STORAGE_KIND[B.dtype], BF_KIND=STORAGE_KIND[B_f.dtype], R_PAD=R_PAD, BLOCK=block,
     )
     out = torch.empty(2, dtype=torch.float32, device=A.device)
     mom.moments_finalize_kernel[(1,)](ws, out, split_a, split_b, OUT * IN, float(scale),
@@ -157,7 +157,7 @@ def ema_launch(pairs):
                             numels, block_tensor, block_start]).astype(np.int64)
     table = torch.from_numpy(table).to(pairs[0][0].device)
     n, nb = len(pairs), int(counts.sum())
-    kinds = dict(S_KIND=_KIND[pairs[0][0].dtype], F_KIND=_KIND[pairs[0][1].dtype])
+    kinds = dict(S_KIND=STORAGE_KIND[pairs[0][0].dtype], F_KIND=STORAGE_KIND[pairs[0][1].dtype])
 
     def launch(alpha, skip):
         ema.ema_kernel[(nb,)](table[:n], table[n:2 * n], table[2 * n:3 * n],

@@ -22,6 +22,17 @@ def check_backend(backend) -> None:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def resolve_backend(backend, device: torch.device) -> str:
+    """None -> Triton on CUDA, the torch path elsewhere; "triton" must be runnable there."""
+    check_backend(backend)
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        from .triton_path import check_available
+        check_available(device)
+    return backend
+
+
 def check_rounding(rounding) -> None:
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDINGS}")
