@@ -1,7 +1,8 @@
 """The memory-lean torch implementation of the ops (the default off CUDA).
 
-W is updated in row chunks: an fp32 W takes the low-rank product in place through
-``addmm_``; a bf16/fp16 W is widened one chunk at a time. Noise words come from
+W is updated in row chunks: the chunk's low-rank product ``(X @ Y) * scale`` (PEFT's
+order of operations, so an fp32 merge equals PEFT's bit for bit) is added in place; a
+bf16/fp16 W is widened one chunk at a time. Noise words come from
 ``lorasc_fast.stream`` for the chunk only. A chunk holds at most ``max_chunk_elems``
 elements and its widest temporary (int64 words) is at most 1/8 of ``W.nbytes``, so
 no temporary approaches the size of W. Results follow the same arithmetic contract as
@@ -20,10 +21,13 @@ MAX_CHUNK_ELEMS = 1 << 16
 
 
 def chunk_rows(W: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS) -> int:
-    """Rows per chunk: int64 temporaries of one chunk stay within W.nbytes / 8."""
+    """Rows per chunk: int64 temporaries of one chunk stay within W.nbytes / 8, and a chunk
+    is a multiple of 8 rows (at least 8), which keeps BLAS on the same micro-kernel
+    grouping as one product over all rows: chunked results equal PEFT's unchunked
+    ``(B @ A) * s`` bit for bit."""
     cols = max(1, W.shape[1])
     budget = min(max_chunk_elems, W.numel() * W.element_size() // 64)
-    return max(1, budget // cols)
+    return max(8, budget // cols // 8 * 8)
 
 
 def _factors(A, B, fan_in_fan_out):
@@ -40,8 +44,8 @@ def _apply(W, X, Y, scale, noise, seed, row_offset, rounding):
         r1 = min(rows, r0 + step)
         Wc = W[r0:r1]
         v = Wc if W.dtype == torch.float32 else Wc.float()
-        if X is not None:
-            v.addmm_(X[r0:r1].float(), Yf, alpha=scale)
+        if X is not None:  # PEFT's order: (B @ A) * s, then added (bit-identical in fp32)
+            v.add_(torch.mm(X[r0:r1].float(), Yf).mul_(scale))
         if need_words:
             w = stream.words(seed, (row_offset + r0) * cols, (r1 - r0) * cols, W.device)
             w = w.view(r1 - r0, cols)
