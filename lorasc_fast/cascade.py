@@ -29,6 +29,10 @@ Slow factors. fp32 clones of the fast factors, held by the controller as plain t
 buffers: ``model.state_dict()``, ``save_pretrained`` and PEFT's adapter files are unchanged)
 on the layer's device; if the model moves (``model.to``), they follow at the next boundary.
 Memory: ``r * (in + out)`` fp32 per layer, the size of the adapter itself.
+
+Sharded base weights (FSDP2 ``fully_shard``, DTensor ``Shard(0)``): every rank merges its own
+rows of W and keeps its rows of the slow factors; the merged weights equal a single-process
+run (see :mod:`lorasc_fast.distributed`). All ranks must call :meth:`LoRASC.step` together.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 
 __all__ = ["LoRASC", "stream_seed", "NOISE", "INIT"]
 
@@ -65,6 +69,7 @@ class _Layer:
     A_slow: torch.Tensor
     B_slow: torch.Tensor
     dora: bool
+    shard: distributed.RowShard | None = None  # this rank's rows of a sharded W
 
 
 def _lora_layer_class():
@@ -149,6 +154,10 @@ def _params_of(layer: _Layer, adapter: str):
     return m.lora_A[adapter].weight, m.lora_B[adapter].weight
 
 
+def _fan_in_fan_out(m: nn.Module) -> bool:
+    return bool(getattr(m, "fan_in_fan_out", False))
+
+
 class LoRASC:
     """LoRA Slow Cascade learning over the LoRA layers of ``model`` (any module holding PEFT
     LoRA layers, e.g. the result of ``get_peft_model``).
@@ -181,11 +190,14 @@ class LoRASC:
             raise ValueError(f"no LoRA layer holds adapter {self.adapter_name!r}")
         dora = [_check_layer(n, m, self.adapter_name) for n, m in named]
         self.init_kind = _init_kind(model, self.adapter_name)
+        self._model = model
+        distributed.reshard(model)
         self.layers: list[_Layer] = []
         for (name, m), is_dora in zip(named, dora):
             A_f, B_f = m.lora_A[self.adapter_name].weight, m.lora_B[self.adapter_name].weight
-            self.layers.append(_Layer(name, m, A_f.detach().float().clone(),
-                                      B_f.detach().float().clone(), is_dora))
+            A_s, B_s, shard = distributed.slow_copies(m.get_base_layer().weight, A_f, B_f,
+                                                      _fan_in_fan_out(m), is_dora)
+            self.layers.append(_Layer(name, m, A_s, B_s, is_dora, shard))
         self.boundaries = 0
         self.optimizer_steps = 0
         self.finished = False
@@ -201,23 +213,30 @@ class LoRASC:
             return
         for i, layer in enumerate(self.layers):
             scale = layer.module.scaling[self.adapter_name]
-            std = float(ops.lowrank_moments(layer.A_slow, layer.B_slow, scale, backend=self.backend)[1])
+            std = float(distributed.slow_moments(layer.A_slow, layer.B_slow, scale, layer.shard,
+                                                 _fan_in_fan_out(layer.module), self.backend)[1])
             if std > 0.0:
-                ops.add_noise_(layer.module.get_base_layer().weight, self.noise_lambda * std,
-                               seed=stream_seed(self.seed, 0, i, NOISE), rounding=self.rounding,
-                               backend=self.backend)
+                distributed.add_noise_(layer.module.get_base_layer().weight,
+                                       self.noise_lambda * std, layer.shard,
+                                       seed=stream_seed(self.seed, 0, i, NOISE),
+                                       rounding=self.rounding, backend=self.backend)
                 self.init_noise_applied = True
 
     def _prepare(self):
-        """Checks over all layers before any write, and slow factors onto the layers' devices."""
+        """Checks over all layers before any write, and slow factors onto the layers' devices
+        (and into this rank's rows if the model was sharded after the controller was built)."""
         if self.finished:
             raise RuntimeError("LoRASC.finish() was called; the cascade is over")
         for layer in self.layers:
             if layer.module.merged:
                 raise RuntimeError(f"{layer.name}: the adapter is merged into the base weight; "
                                    "unmerge it before a cascade boundary")
-        fast = self.fast_parameters()
+        distributed.reshard(self._model)
+        for layer in self.layers:
+            self._sync_shard(layer)
+        fast = [distributed.local(p) for p in self.fast_parameters()]
         finite = torch.stack([torch.isfinite(p).all().cpu() for p in fast])  # one sync per device
+        finite = distributed.all_true(finite, [layer.shard for layer in self.layers])
         if not finite.all():
             bad = int((~finite).nonzero()[0])
             raise ValueError(f"{self.layers[bad // 2].name}.{('lora_A', 'lora_B')[bad % 2]} has "
@@ -228,24 +247,40 @@ class LoRASC:
                 layer.A_slow = layer.A_slow.to(A_f.device)
                 layer.B_slow = layer.B_slow.to(A_f.device)
 
+    def _sync_shard(self, layer: _Layer):
+        shard = distributed.row_shard(layer.module.get_base_layer().weight)
+        if shard == layer.shard:
+            return
+        if layer.shard is not None:
+            raise RuntimeError(f"{layer.name}: the base weight's sharding changed since the "
+                               "controller was built; build it on the sharded model")
+        layer.A_slow, layer.B_slow = distributed.to_shard_layout(
+            layer.A_slow, layer.B_slow, shard, _fan_in_fan_out(layer.module), layer.dora)
+        layer.shard = shard
+
     def _merge(self, i: int, layer: _Layer, noise_lambda: float, boundary: int):
         m, adapter = layer.module, self.adapter_name
         A_f, B_f = _params_of(layer, adapter)
         W = m.get_base_layer().weight
         scale = m.scaling[adapter]
         kw = dict(seed=stream_seed(self.seed, boundary, i, NOISE), rounding=self.rounding,
-                  fan_in_fan_out=bool(getattr(m, "fan_in_fan_out", False)), backend=self.backend)
-        if not layer.dora:
+                  fan_in_fan_out=_fan_in_fan_out(m), backend=self.backend)
+        magnitude = m.lora_magnitude_vector[adapter] if layer.dora else None
+        if layer.shard is not None:
+            distributed.cascade_merge_(W, layer.A_slow, layer.B_slow, A_f, B_f, shard=layer.shard,
+                                       alpha=self.alpha, scale=scale, noise_lambda=noise_lambda,
+                                       magnitude=magnitude.weight if layer.dora else None, **kw)
+        elif not layer.dora:
             ops.cascade_merge_(W, layer.A_slow, layer.B_slow, A_f, B_f, alpha=self.alpha,
                                scale=scale, noise_lambda=noise_lambda, **kw)
-            return
-        from .dora import dora_merge_
-        ops.ema_([layer.A_slow, layer.B_slow], [A_f, B_f], self.alpha, backend=self.backend)
-        std = float(ops.lowrank_moments(layer.A_slow, layer.B_slow, scale, backend=self.backend)[1])
-        magnitude = m.lora_magnitude_vector[adapter]
-        dora_merge_(W, layer.A_slow, layer.B_slow, magnitude.weight, scale=scale,
-                    noise=noise_lambda * std, **kw)
-        if hasattr(magnitude, "_cache_clear"):
+        else:
+            from .dora import dora_merge_
+            ops.ema_([layer.A_slow, layer.B_slow], [A_f, B_f], self.alpha, backend=self.backend)
+            std = float(ops.lowrank_moments(layer.A_slow, layer.B_slow, scale,
+                                            backend=self.backend)[1])
+            dora_merge_(W, layer.A_slow, layer.B_slow, magnitude.weight, scale=scale,
+                        noise=noise_lambda * std, **kw)
+        if layer.dora and hasattr(magnitude, "_cache_clear"):
             magnitude._cache_clear()
 
     @torch.no_grad()
@@ -258,8 +293,8 @@ class LoRASC:
             nn.init.normal_(A, std=1.0 / layer.module.r[self.adapter_name], generator=g)
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
-        A_f.copy_(A)
-        B_f.zero_()
+        distributed.copy_full_(A_f, A)
+        distributed.local(B_f).zero_()
 
     def fast_parameters(self) -> list[nn.Parameter]:
         """``lora_A`` / ``lora_B`` weights of the cascaded adapter, layer by layer."""
@@ -292,14 +327,15 @@ class LoRASC:
         trained since the last boundary (every fast ``B`` still exactly zero), there is no new
         expert and only ``B_f = 0`` / the finished flag are set."""
         self._prepare()
-        untouched = self.boundaries > 0 and all(
-            not _params_of(layer, self.adapter_name)[1].any() for layer in self.layers)
+        untouched = self.boundaries > 0 and bool(distributed.all_true(torch.stack([
+            ~distributed.local(_params_of(layer, self.adapter_name)[1]).any().cpu()
+            for layer in self.layers]), [layer.shard for layer in self.layers]).all())
         boundary = self.boundaries + 1
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
                 if not untouched:
                     self._merge(i, layer, 0.0, boundary)
-                _params_of(layer, self.adapter_name)[1].zero_()
+                distributed.local(_params_of(layer, self.adapter_name)[1]).zero_()
         self._reset_fast_state(None)
         self.finished = True
 

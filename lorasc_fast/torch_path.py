@@ -68,7 +68,9 @@ def add_noise_(W, noise, *, seed, row_offset, rounding):
 
 
 def _ema_value(s, f, alpha):
-    return s.float().mul(alpha).add_(f.float(), alpha=1.0 - alpha)
+    """``alpha * s + (1 - alpha) * f`` in fp32 as ``torch.lerp`` forms it (the same values
+    ``ema_`` stores, so the moments taken on the fly match the stored slow factors)."""
+    return torch.lerp(s.float(), f.float(), 1.0 - alpha)
 
 
 def lowrank_moments(A, B, scale, *, ema=None):
