@@ -58,6 +58,17 @@ def _check_layer(i: int, layer: CascadeLayer, rounding, backend) -> str:
     return backend
 
 
+def plan_for(layers, *, rounding: str = "nearest", backend=None):
+    """A ``CascadePlan`` for these layers if the grouped Triton path applies, else None."""
+    layers = list(layers)
+    if not layers or v.resolve_backend(backend, layers[0].W.device) != "triton":
+        return None
+    if not all(t.is_contiguous() for layer in layers
+               for t in (layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast)):
+        return None
+    return CascadePlan(layers, rounding=rounding)
+
+
 def _raise_for_std(layers, values) -> None:
     for i, (layer, value) in enumerate(zip(layers, values)):
         try:

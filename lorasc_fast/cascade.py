@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from . import distributed, ops
+from .batched import CascadeLayer, cascade_merge_many_, plan_for
 
 __all__ = ["LoRASC", "stream_seed", "NOISE", "INIT"]
 
@@ -179,6 +180,7 @@ class LoRASC:
         self.alpha, self.noise_lambda, self.seed, self.rounding, self.every = _check_config(
             alpha, noise_lambda, seed, rounding, every)
         self.backend = backend
+        self._plan = None  # CascadePlan of the plain layers, reused while their tensors stay put
         LoraLayer = _lora_layer_class()
         candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
         if not candidates:
@@ -258,6 +260,27 @@ class LoRASC:
             layer.A_slow, layer.B_slow, shard, _fan_in_fan_out(layer.module), layer.dora)
         layer.shard = shard
 
+    def _merge_all(self, noise_lambda: float, boundary: int):
+        """Plain (unsharded, non-DoRA) layers in one ``cascade_merge_many_`` call (a handful of
+        grouped launches on CUDA, its tables kept across boundaries); the others one by one."""
+        plain = [i for i, layer in enumerate(self.layers) if layer.shard is None and not layer.dora]
+        if plain:
+            batch = []
+            for i in plain:
+                layer, adapter = self.layers[i], self.adapter_name
+                A_f, B_f = _params_of(layer, adapter)
+                batch.append(CascadeLayer(
+                    layer.module.get_base_layer().weight, layer.A_slow, layer.B_slow, A_f, B_f,
+                    scale=layer.module.scaling[adapter], seed=stream_seed(self.seed, boundary, i, NOISE),
+                    fan_in_fan_out=_fan_in_fan_out(layer.module)))
+            if self._plan is None or not self._plan.matches(batch):
+                self._plan = plan_for(batch, rounding=self.rounding, backend=self.backend)
+            cascade_merge_many_(batch, alpha=self.alpha, noise_lambda=noise_lambda,
+                                rounding=self.rounding, backend=self.backend, plan=self._plan)
+        for i, layer in enumerate(self.layers):
+            if i not in plain:
+                self._merge(i, layer, noise_lambda, boundary)
+
     def _merge(self, i: int, layer: _Layer, noise_lambda: float, boundary: int):
         m, adapter = layer.module, self.adapter_name
         A_f, B_f = _params_of(layer, adapter)
@@ -308,8 +331,8 @@ class LoRASC:
         building it with :func:`lorasc_fast.cascade_schedule`."""
         self._prepare()
         boundary = self.boundaries + 1
+        self._merge_all(self.noise_lambda, boundary)
         for i, layer in enumerate(self.layers):
-            self._merge(i, layer, self.noise_lambda, boundary)
             self._reinit(i, layer, boundary)
         self.boundaries = boundary
         self._reset_fast_state(optimizer)
@@ -332,9 +355,9 @@ class LoRASC:
             for layer in self.layers]), [layer.shard for layer in self.layers]).all())
         boundary = self.boundaries + 1
         with torch.no_grad():
-            for i, layer in enumerate(self.layers):
-                if not untouched:
-                    self._merge(i, layer, 0.0, boundary)
+            if not untouched:
+                self._merge_all(0.0, boundary)
+            for layer in self.layers:
                 distributed.local(_params_of(layer, self.adapter_name)[1]).zero_()
         self._reset_fast_state(None)
         self.finished = True

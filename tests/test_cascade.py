@@ -122,6 +122,29 @@ def test_boundaries_match_reference(kind, variant, gen):
             assert not B_new.any()
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_triton_boundaries_use_one_plan(kind, gen):
+    """On the Triton backend the plain layers go through one grouped call whose plan is built
+    once and reused; the merged weights follow the spec to fp32 accuracy."""
+    model = tiny(kind)
+    cascade = LoRASC(model, alpha=0.6, noise_lambda=1.0, seed=5, backend="triton")
+    slow = [(l.A_slow.clone(), l.B_slow.clone()) for l in cascade.layers]
+    plans = []
+    for boundary in (1, 2):
+        pretend_training(cascade, gen)
+        before = [(weight(l).clone(), *(p.clone() for p in fast(l))) for l in cascade.layers]
+        cascade.step()
+        plans.append(cascade._plan)
+        for i, (layer, (W, A_f, B_f), (A_s, B_s)) in enumerate(zip(cascade.layers, before, slow)):
+            reference.cascade_merge_(W, A_s, B_s, A_f, B_f, alpha=0.6,
+                                     scale=layer.module.scaling[ADAPTER], noise_lambda=1.0,
+                                     seed=stream_seed(5, boundary, i, NOISE),
+                                     fan_in_fan_out=kind == "gpt2")
+            torch.testing.assert_close(weight(layer), W, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer.A_slow, A_s, rtol=1e-6, atol=1e-7)
+    assert plans[0] is not None and plans[0] is plans[1]
+
+
 def test_boundary_bit_exact_with_reference_backend(gen):
     """With backend="reference" the controller is exactly the spec, Conv1D layout included."""
     model = tiny("gpt2")
