@@ -19,6 +19,8 @@ LORASC_TEST_GPU=1 timeout 110 python -m pytest -q -p no:cacheprovider -n 12 \
 tail -n 3 "$out/gpu_tests.log"
 timeout 190 python -m lorasc_fast.cli bench --out "$out" > "$out/bench.log" 2>&1
 tail -n 4 "$out/bench.log"
+tmp=$(mktemp -d)  # the ablation's tables and plot are rebuilt from its JSONL with `ablation.py report`
 timeout $((ablation_s + 20)) env HF_HUB_OFFLINE=1 python bench/ablation.py run --device cuda \
-  --workers 8 --budget-seconds "$ablation_s" --out "$out/ablation" > "$out/ablation.log" 2>&1
-tail -n 3 "$out/ablation.log"
+  --workers 8 --budget-seconds "$ablation_s" --out "$tmp" > "$tmp/ablation.log" 2>&1
+cp "$tmp/results.jsonl" "$out/ablation_results.jsonl"
+tail -n 3 "$tmp/ablation.log"
