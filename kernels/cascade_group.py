@@ -73,18 +73,36 @@ def merge_group_kernel(
     NF: tl.constexpr, L_PAD: tl.constexpr, R_PAD: tl.constexpr,
     HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr, W_KIND: tl.constexpr,
     X_KIND: tl.constexpr, Y_KIND: tl.constexpr, ALIGNED4: tl.constexpr,
+    FAN_IN_FAN_OUT: tl.constexpr, ALIGNED16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
+    """Rows of W and the slow factors are contiguous (the plan checks): the unit strides are
+    compile-time constants, and with ``ALIGNED16`` the row strides and base addresses are
+    declared multiples of 16, so tiles load and store as wide vectors."""
     layer, local = _find_layer(OFFSETS, tl.program_id(0), L_PAD)
     if tl.load(FLAG) == 0:
         f = LAYERS + layer * NF
         col_blocks = tl.load(f + 13)
         std_index = tl.load(f + 16)
         noise_scaled = noise_lambda_scaled * tl.load(STD + std_index)
-        merge_panel(as_pointer(tl.load(f + 0), W_KIND), as_pointer(tl.load(f + 1), X_KIND),
-                    as_pointer(tl.load(f + 2), Y_KIND), tl.load(f + 3), tl.load(f + 4),
-                    tl.load(f + 5), tl.load(f + 6), tl.load(f + 7), tl.load(f + 8),
-                    tl.load(f + 9), tl.load(f + 10), tl.load(SCALES + layer), noise_scaled,
+        W = as_pointer(tl.load(f + 0), W_KIND)
+        Y = as_pointer(tl.load(f + 2), Y_KIND)
+        stride_wm = tl.load(f + 5)
+        if ALIGNED16:
+            W = tl.multiple_of(W, 16)
+            Y = tl.multiple_of(Y, 16)
+            stride_wm = tl.multiple_of(stride_wm, 16)
+        if FAN_IN_FAN_OUT:  # X = A^T (stride_xm = 1), Y = B^T (stride_yk = 1)
+            stride_xm, stride_xk = 1, tl.load(f + 8)
+            stride_yk, stride_yn = 1, tl.load(f + 10)
+        else:  # X = B (stride_xk = 1), Y = A (stride_yn = 1)
+            stride_xm, stride_xk = tl.load(f + 7), 1
+            stride_yk, stride_yn = tl.load(f + 9), 1
+            if ALIGNED16:
+                stride_yk = tl.multiple_of(stride_yk, 16)
+        merge_panel(W, as_pointer(tl.load(f + 1), X_KIND), Y, tl.load(f + 3), tl.load(f + 4),
+                    stride_wm, 1, stride_xm, stride_xk, stride_yk, stride_yn,
+                    tl.load(SCALES + layer), noise_scaled,
                     tl.load(SEEDS + std_index), tl.load(f + 12), local % col_blocks,
                     local // col_blocks, tl.load(f + 14), tl.load(f + 15), tl.load(f + 11),
                     R_PAD, True, HAS_NOISE, STOCHASTIC, W_KIND, ALIGNED4,

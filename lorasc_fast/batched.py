@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops, torch_path, triton_path
-from .group_plan import CascadePlan
+from .group_plan import CascadePlan, eligible
 from . import validation as v
 
 
@@ -63,8 +63,7 @@ def plan_for(layers, *, rounding: str = "nearest", backend=None):
     layers = list(layers)
     if not layers or v.resolve_backend(backend, layers[0].W.device) != "triton":
         return None
-    if not all(t.is_contiguous() for layer in layers
-               for t in (layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast)):
+    if not eligible(layers):
         return None
     return CascadePlan(layers, rounding=rounding)
 
@@ -109,8 +108,7 @@ def cascade_merge_many_(layers, *, alpha: float, noise_lambda: float = 0.0,
             scale=layer.scale, noise_lambda=noise_lambda, seed=layer.seed,
             row_offset=layer.row_offset, rounding=rounding, fan_in_fan_out=layer.fan_in_fan_out,
             backend="reference") for layer in layers])
-    factors = [t for layer in layers for t in (layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast)]
-    if backend == "triton" and all(t.is_contiguous() for t in factors):
+    if backend == "triton" and eligible(layers):
         if plan is None or plan.rounding != rounding or not plan.matches(layers):
             plan = CascadePlan(layers, rounding=rounding)
         plan.launch(alpha, noise_lambda, [layer.seed for layer in layers])

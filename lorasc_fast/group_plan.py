@@ -34,6 +34,20 @@ def _offsets(counts, device) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([first, np.full(pad - len(first), 2**31 - 1)])).to(device)
 
 
+def _aligned16(L) -> bool:
+    """W's rows and the streamed factor's rows start on 16-element boundaries."""
+    Y = L.B_slow if L.fan_in_fan_out else L.A_slow
+    return (L.W.stride(0) % 16 == 0 and L.W.data_ptr() % 16 == 0 and Y.stride(0) % 16 == 0
+            and Y.data_ptr() % 16 == 0)
+
+
+def eligible(layers) -> bool:
+    """The grouped path needs rows of W and contiguous slow and fast factors."""
+    return all(L.W.stride(1) == 1 and all(t.is_contiguous() for t in
+                                          (L.A_slow, L.B_slow, L.A_fast, L.B_fast))
+               for L in layers)
+
+
 def _signature(layers):
     return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for L in layers
                  for t in (L.W, L.A_slow, L.B_slow, L.A_fast, L.B_fast))
@@ -117,7 +131,7 @@ class CascadePlan:
         self.merge_launches = []
         groups = self._groups(lambda L: (L.W.dtype, *(t.dtype for t in self._factors(L)),
                                          tp._pow2_at_least(L.A_slow.shape[0], 16),
-                                         L.W.shape[1] % 4 == 0))
+                                         L.W.shape[1] % 4 == 0, L.fan_in_fan_out, _aligned16(L)))
         for key, idxs in groups.items():
             first = self.layers[idxs[0]].W
             tile = {"NUM_STAGES": 1, **tp.merge_config(*first.shape, key[3], self.device)}
@@ -145,7 +159,8 @@ class CascadePlan:
                                     ).to(self.device),
                 consts=dict(R_PAD=key[3], STOCHASTIC=self.rounding == "stochastic" and
                             key[0] != torch.float32, W_KIND=tp.STORAGE_KIND[key[0]],
-                            X_KIND=_NATIVE[key[1]], Y_KIND=_NATIVE[key[2]], ALIGNED4=key[4], **tile)))
+                            X_KIND=_NATIVE[key[1]], Y_KIND=_NATIVE[key[2]], ALIGNED4=key[4],
+                            FAN_IN_FAN_OUT=key[5], ALIGNED16=key[6], **tile)))
 
     def launch(self, alpha: float, noise_lambda: float, seeds) -> None:
         """Enqueue one boundary; ``self.flag`` and ``self.stds`` are valid once it has run."""

@@ -136,7 +136,7 @@ def assert_close_to_peft(out: Path, ref: Path, base: Path, adapter: Path, layers
         bound = fp32_error_bound(base_t[name], a, b, scaling, 0.0, transposed)
         if dora:
             bound = 2 * bound + (8 if t.dtype == torch.float32 else 1) * ulp(p)
-        elif t.dtype == torch.float32 and t.device.type == "cpu":
+        elif t.dtype == torch.float32 and DEVICE == "cpu":
             assert torch.equal(t, p), name
         else:
             bound = bound + ulp(p)
