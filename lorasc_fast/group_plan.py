@@ -41,10 +41,13 @@ def _aligned16(L) -> bool:
             and Y.data_ptr() % 16 == 0)
 
 
+MAX_GROUPED_RANK = 16  # larger ranks: the hoisted A panel overflowed shared memory on the H200
+
+
 def eligible(layers) -> bool:
-    """The grouped path needs rows of W and contiguous slow and fast factors."""
-    return all(L.W.stride(1) == 1 and all(t.is_contiguous() for t in
-                                          (L.A_slow, L.B_slow, L.A_fast, L.B_fast))
+    """The grouped path needs rows of W, contiguous slow and fast factors and r <= 16."""
+    return all(L.W.stride(1) == 1 and L.A_slow.shape[0] <= MAX_GROUPED_RANK and
+               all(t.is_contiguous() for t in (L.A_slow, L.B_slow, L.A_fast, L.B_fast))
                for L in layers)
 
 

@@ -26,8 +26,8 @@ def _clone(layers):
     ("triton", torch.bfloat16, torch.float32), ("triton", torch.float16, torch.bfloat16),
     ("triton", torch.float32, torch.float16), ("torch", torch.bfloat16, torch.float32)])
 def test_many_equals_per_layer(backend, dtype, fdtype, gen):
-    """Several groups (ranks padding to 16 and 32, mixed layouts) in one boundary."""
-    layers = _layers(gen, dtype, fdtype, extra=[(50, 36, 20, False), (24, 40, 17, True)])
+    """Several groups (storage kinds, layouts) in one grouped boundary."""
+    layers = _layers(gen, dtype, fdtype, extra=[(50, 36, 12, False), (24, 40, 16, True)])
     expected = _clone(layers)
     stds = cascade_merge_many_(layers, alpha=0.7, noise_lambda=1.0, rounding="stochastic",
                                backend=backend)
@@ -69,7 +69,7 @@ def test_many_rejects_before_writing(gen):
 def test_plan_reuse_across_boundaries(gen):
     """A plan built once serves later boundaries (new seeds, new alpha) like fresh calls."""
     from lorasc_fast.group_plan import CascadePlan
-    layers = _layers(gen, extra=[(50, 36, 20, False)])
+    layers = _layers(gen, extra=[(50, 36, 12, False)])
     fresh = _clone(layers)
     plan = CascadePlan(layers, rounding="stochastic")
     for boundary, alpha in enumerate((0.8, 0.5)):
@@ -83,3 +83,16 @@ def test_plan_reuse_across_boundaries(gen):
         assert torch.equal(a, b)
         assert all(torch.equal(x.W, y.W) and torch.equal(x.A_slow, y.A_slow)
                    for x, y in zip(layers, fresh))
+
+
+def test_large_rank_takes_the_per_layer_path(gen):
+    from lorasc_fast.group_plan import eligible
+    layers = _layers(gen, extra=[(50, 36, 20, False)])
+    assert not eligible(layers) and eligible(layers[:3])
+    expected = _clone(layers)
+    cascade_merge_many_(layers, alpha=0.5, noise_lambda=1.0, backend="triton")
+    for ref in expected:
+        lf.cascade_merge_(ref.W, ref.A_slow, ref.B_slow, ref.A_fast, ref.B_fast, alpha=0.5,
+                          scale=ref.scale, noise_lambda=1.0, seed=ref.seed,
+                          fan_in_fan_out=ref.fan_in_fan_out, backend="triton")
+    assert all(torch.equal(a.W, b.W) for a, b in zip(layers, expected))
