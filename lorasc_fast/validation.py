@@ -104,14 +104,19 @@ def check_no_alias(target_name: str, target: torch.Tensor, **others) -> None:
 
 
 def check_finite(**tensors) -> None:
-    """Which tensors hold NaN or Inf: the max-norm of each (NaN and Inf propagate), in one
-    multi-tensor reduction without temporaries, and one sync."""
+    """Which tensors hold NaN or Inf: the max-norm of each (NaN and Inf propagate), one fused
+    multi-tensor reduction per dtype without temporaries, and one sync."""
     named = [(name, t) for name, t in tensors.items() if t.numel()]
     if not named:
         return
-    norms = torch._foreach_norm([t for _, t in named], float("inf"))
-    flags = torch.isfinite(torch.stack([n.float() for n in norms])).cpu().tolist()
-    bad = [name for (name, _), ok in zip(named, flags) if not ok]
+    order, finite = [], []
+    for dtype in dict.fromkeys(t.dtype for _, t in named):  # one fused reduction per dtype
+        idx = [i for i, (_, t) in enumerate(named) if t.dtype == dtype]
+        order += idx
+        norms = torch._foreach_norm([named[i][1] for i in idx], float("inf"))
+        finite.append(torch.isfinite(torch.stack(norms)))
+    flags = dict(zip(order, torch.cat(finite).cpu().tolist()))
+    bad = [name for i, (name, _) in enumerate(named) if not flags[i]]
     if bad:
         raise ValueError(f"non-finite values (NaN or Inf) in {', '.join(bad)}")
 
