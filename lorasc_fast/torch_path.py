@@ -17,16 +17,18 @@ import torch
 from . import stream
 from .reference import round_fp32
 
-MAX_CHUNK_ELEMS = 1 << 16
+MAX_CHUNK_ELEMS = 1 << 16  # with random words: ~10 int64 Philox temporaries per group
+MAX_CHUNK_ELEMS_PLAIN = 1 << 18  # a plain merge: one fp32 delta
 
 
-def chunk_rows(W: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS) -> int:
-    """Rows per chunk: int64 temporaries of one chunk stay within W.nbytes / 8, and a chunk
-    is a multiple of 8 rows (at least 8), which keeps BLAS on the same micro-kernel
-    grouping as one product over all rows: chunked results equal PEFT's unchunked
-    ``(B @ A) * s`` bit for bit."""
+def chunk_rows(W: torch.Tensor, words: bool = True) -> int:
+    """Rows per chunk: the widest temporary of one chunk (int64 words, or the fp32 delta of a
+    plain merge) stays within W.nbytes / 8, and a chunk is a multiple of 8 rows (at least
+    8), which keeps BLAS on the same micro-kernel grouping as one product over all rows:
+    chunked results equal PEFT's unchunked ``(B @ A) * s`` bit for bit."""
     cols = max(1, W.shape[1])
-    budget = min(max_chunk_elems, W.numel() * W.element_size() // 64)
+    temp_bytes, cap = (8, MAX_CHUNK_ELEMS) if words else (4, MAX_CHUNK_ELEMS_PLAIN)
+    budget = min(cap, W.numel() * W.element_size() // 8 // temp_bytes)
     return max(8, budget // cols // 8 * 8)
 
 
@@ -37,24 +39,27 @@ def _factors(A, B, fan_in_fan_out):
 
 def _apply(W, X, Y, scale, noise, seed, row_offset, rounding):
     rows, cols = W.shape
-    step = chunk_rows(W)
     Yf = Y.float() if Y is not None else None
     need_words = noise != 0.0 or (rounding == "stochastic" and W.dtype != torch.float32)
+    step = chunk_rows(W, need_words)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         Wc = W[r0:r1]
+        # PEFT's order: (B @ A) * s in fp32, added to W (bit-identical to PEFT for fp32 W; an
+        # in-place add into bf16/fp16 W computes in fp32 and rounds once)
+        delta = None if X is None else torch.mm(X[r0:r1].float(), Yf).mul_(scale)
+        if not need_words:
+            Wc.add_(delta)
+            continue
         v = Wc if W.dtype == torch.float32 else Wc.float()
-        if X is not None:  # PEFT's order: (B @ A) * s, then added (bit-identical in fp32)
-            v.add_(torch.mm(X[r0:r1].float(), Yf).mul_(scale))
-        if need_words:
-            w = stream.words(seed, (row_offset + r0) * cols, (r1 - r0) * cols, W.device)
-            w = w.view(r1 - r0, cols)
-            if noise != 0.0:
-                v.add_(stream.noise_from_words(w, noise))
-            if W.dtype != torch.float32:
-                Wc.copy_(round_fp32(v, W.dtype, rounding, stream.rounding_fraction(w)))
-        elif v is not Wc:
-            Wc.copy_(v)
+        if delta is not None:
+            v.add_(delta)
+        w = stream.words(seed, (row_offset + r0) * cols, (r1 - r0) * cols, W.device)
+        w = w.view(r1 - r0, cols)
+        if noise != 0.0:
+            v.add_(stream.noise_from_words(w, noise))
+        if W.dtype != torch.float32:
+            Wc.copy_(round_fp32(v, W.dtype, rounding, stream.rounding_fraction(w)))
     return W
 
 

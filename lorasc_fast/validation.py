@@ -104,17 +104,22 @@ def check_no_alias(target_name: str, target: torch.Tensor, **others) -> None:
 
 
 def check_finite(**tensors) -> None:
-    """Which tensors hold NaN or Inf: the max-norm of each (NaN and Inf propagate), one fused
-    multi-tensor reduction per dtype without temporaries, and one sync."""
+    """Which tensors hold NaN or Inf, by reductions that propagate both and need no
+    temporaries, and one sync: on CUDA the max-norm of each, one fused multi-tensor launch
+    per dtype; on the CPU (where that kernel is slow) each tensor's min and max."""
     named = [(name, t) for name, t in tensors.items() if t.numel()]
     if not named:
         return
     order, finite = [], []
-    for dtype in dict.fromkeys(t.dtype for _, t in named):  # one fused reduction per dtype
+    for dtype in dict.fromkeys(t.dtype for _, t in named):
         idx = [i for i, (_, t) in enumerate(named) if t.dtype == dtype]
         order += idx
-        norms = torch._foreach_norm([named[i][1] for i in idx], float("inf"))
-        finite.append(torch.isfinite(torch.stack(norms)))
+        group = [named[i][1] for i in idx]
+        if group[0].device.type == "cuda":
+            finite.append(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))))
+        else:
+            extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in group])
+            finite.append(torch.isfinite(extremes).all(dim=1))
     flags = dict(zip(order, torch.cat(finite).cpu().tolist()))
     bad = [name for i, (name, _) in enumerate(named) if not flags[i]]
     if bad:

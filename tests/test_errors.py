@@ -33,6 +33,8 @@ CASES = [
      ValueError, "NaN or Inf"),
     ("inf B", lambda W, A, B: dict(B=B.clone().index_fill_(0, torch.tensor([2]), float("inf"))),
      ValueError, "NaN or Inf"),
+    ("-inf A", lambda W, A, B: dict(A=A.clone().index_fill_(1, torch.tensor([0]), float("-inf"))),
+     ValueError, "NaN or Inf"),
     ("alias", lambda W, A, B: dict(A=W[:3]), ValueError, "shares memory"),
     ("rounding", lambda W, A, B: dict(rounding="up"), ValueError, "unknown rounding"),
     ("backend", lambda W, A, B: dict(backend="cuda"), ValueError, "unknown backend"),
@@ -114,6 +116,8 @@ def test_ema_rejects(gen):
         lf.ema_(s, [torch.randn(3, 4)], 2.0)
     with pytest.raises(ValueError, match="NaN or Inf\\) in fast\\[0\\]"):
         lf.ema_(s, [torch.full((3, 4), float("inf"))], 0.5)
+    with pytest.raises(ValueError, match="NaN or Inf\\) in fast\\[0\\]"):  # -inf alone
+        lf.ema_(s, [torch.ones(3, 4).index_fill_(1, torch.tensor([2]), float("-inf"))], 0.5)
     assert torch.equal(s[0], before)
 
 
