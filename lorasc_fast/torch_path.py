@@ -42,12 +42,16 @@ def _apply(W, X, Y, scale, noise, seed, row_offset, rounding):
     Yf = Y.float() if Y is not None else None
     need_words = noise != 0.0 or (rounding == "stochastic" and W.dtype != torch.float32)
     step = chunk_rows(W, need_words)
+    # one delta buffer for all chunks: fresh large allocations cost page faults every chunk
+    buf = None if X is None else torch.empty(min(step, rows), cols, device=W.device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         Wc = W[r0:r1]
         # PEFT's order: (B @ A) * s in fp32, added to W (bit-identical to PEFT for fp32 W; an
         # in-place add into bf16/fp16 W computes in fp32 and rounds once)
-        delta = None if X is None else torch.mm(X[r0:r1].float(), Yf).mul_(scale)
+        delta = None
+        if X is not None:
+            delta = torch.mm(X[r0:r1].float(), Yf, out=buf[:r1 - r0]).mul_(scale)
         if not need_words:
             Wc.add_(delta)
             continue
