@@ -57,7 +57,8 @@ def _median_ms(fn, cuda: bool) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _extra_peak_bytes(fn, cuda: bool) -> int | None:
+def extra_peak_bytes(fn, cuda: bool) -> int | None:
+    """Peak device memory ``fn`` allocates beyond what was allocated before it (None off CUDA)."""
     if not cuda:
         return None
     torch.cuda.synchronize()
@@ -148,7 +149,7 @@ def bench_case(out_f, in_f, r, dtype, device, bw, with_compile=True, peers_too=T
         for name, fn in table.items():
             try:
                 ms = _median_ms(fn, cuda)
-                extra = _extra_peak_bytes(fn, cuda)
+                extra = extra_peak_bytes(fn, cuda)
             except Exception as e:  # a peer that cannot run here is reported, not fatal
                 print(f"  {name}: {type(e).__name__}: {e}")
                 continue
@@ -196,7 +197,7 @@ def bench_model(kind: str, device, bw):
     floor = 2 * wbytes / bw * 1e3
     one_call = lambda: cascade_merge_many_(layers, alpha=1.0, noise_lambda=1.0)  # noqa: E731
     ms_call = _median_ms(one_call, cuda)
-    extra = _extra_peak_bytes(one_call, cuda)
+    extra = extra_peak_bytes(one_call, cuda)
     plan = CascadePlan(layers)
     seeds = [layer.seed for layer in layers]
 

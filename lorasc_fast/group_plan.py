@@ -85,7 +85,6 @@ class CascadePlan:
 
     def _plan_moments(self):
         slot = lambda r_pad: r_pad * r_pad + r_pad  # noqa: E731
-        chunk_target = 2048 if self.device.type == "cuda" else 1 << 30
         per_layer = max(2, _WS_FLOATS // len(self.layers))
         self.moment_launches, ws_total = [], 0
         groups = self._groups(lambda L: (L.A_slow.dtype, L.A_fast.dtype, L.B_slow.dtype,
@@ -97,8 +96,7 @@ class CascadePlan:
             for idx in idxs:
                 L = self.layers[idx]
                 (R, IN), OUT = L.A_slow.shape, L.B_slow.shape[0]
-                split_a = max(1, min(parts, -(-IN // chunk_target)))
-                split_b = max(1, min(parts, -(-OUT // chunk_target)))
+                split_a, split_b = tp.moment_splits(IN, OUT, parts, self.device)
                 As, Af, Bs, Bf = (tp.storage(t) for t in (L.A_slow, L.A_fast, L.B_slow, L.B_fast))
                 rows.append(dict(
                     A_s=As.data_ptr(), A_f=Af.data_ptr(), B_s=Bs.data_ptr(), B_f=Bf.data_ptr(),

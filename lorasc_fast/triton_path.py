@@ -93,6 +93,13 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
     )
 
 
+def moment_splits(IN: int, OUT: int, max_parts: int, device: torch.device) -> tuple[int, int]:
+    """How many programs reduce A's columns and B's rows for the Grams (at most ``max_parts``
+    each): chunks of ~2048 rows on the GPU, ~4096 in the interpreter (fewer programs)."""
+    chunk = 2048 if device.type == "cuda" else 4096
+    return (max(1, min(max_parts, -(-IN // chunk))), max(1, min(max_parts, -(-OUT // chunk))))
+
+
 def moments(A, B, scale, *, ema=None) -> torch.Tensor:
     """``[mean, std]`` (fp32, on the device) of ``scale * B @ A``; ``ema=(A_f, B_f, alpha)``."""
     _, mom, _, _ = _kernels()
@@ -101,9 +108,7 @@ def moments(A, B, scale, *, ema=None) -> torch.Tensor:
     R_PAD = _pow2_at_least(R, 16)
     block = 64 if A.device.type != "cuda" else 128
     slots = max(2, (1 << 16) // (R_PAD * R_PAD + R_PAD))  # workspace <= 256 KiB
-    chunk_target = 4096 if A.device.type != "cuda" else 2048
-    split_a = max(1, min(slots // 2, -(-IN // chunk_target)))
-    split_b = max(1, min(slots // 2, -(-OUT // chunk_target)))
+    split_a, split_b = moment_splits(IN, OUT, slots // 2, A.device)
     chunk_a = -(-IN // split_a)
     chunk_b = -(-OUT // split_b)
     ws = torch.empty((split_a + split_b) * (R_PAD * R_PAD + R_PAD), dtype=torch.float32,

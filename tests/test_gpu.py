@@ -17,6 +17,7 @@ import torch
 import lorasc_fast as lf
 from lorasc_fast import reference as ref
 from lorasc_fast import stream, triton_path
+from lorasc_fast.bench import extra_peak_bytes
 from helpers import assert_correctly_rounded, fp32_error_bound, rel_error
 
 pytestmark = pytest.mark.skipif(
@@ -156,15 +157,6 @@ def test_cascade_many_on_gpu_equals_per_layer(wdtype, grouped, gen):
             assert torch.equal(l.W, r_.W)
 
 
-def _extra_peak(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.parametrize("r", [16, 64])
 def test_extra_device_memory_under_1mib(r):
     W = torch.randn(8192, 8192, device="cuda").bfloat16()
@@ -179,4 +171,4 @@ def test_extra_device_memory_under_1mib(r):
     }
     for name, fn in ops.items():
         fn()  # compile outside the measurement
-        assert _extra_peak(fn) <= 1 << 20, name
+        assert extra_peak_bytes(fn, cuda=True) <= 1 << 20, name
