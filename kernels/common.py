@@ -3,10 +3,12 @@
 Not an op itself. The stream is the one specified in ``lorasc_fast.stream``: element
 ``e = global_row * ncols + col`` takes word ``philox(seed, (e // 4) lo, (e // 4) hi, 0, 0)[e % 4]``.
 
-Storage kinds (``W_KIND``): 0 fp32, 1 fp16, 2 bf16. bf16 tensors are passed to the
-kernels as their int16 bit pattern and converted with integer arithmetic, so the
-rounding is exactly round-to-nearest-even both on the GPU and in Triton's
-interpreter (whose own fp32 -> bf16 cast truncates).
+Storage kinds (``W_KIND``): 0 fp32, 1 fp16, 2 bf16 as its int16 bit pattern, 3 bf16.
+Kind 2 is for Triton's interpreter (whose own fp32 -> bf16 cast truncates): the
+conversion is integer arithmetic, exactly round-to-nearest-even. Kind 3 is for the GPU:
+the hardware conversion (``cvt.rn.bf16x2.f32``, two elements per instruction) rounds the
+same way, instead of ~7 integer operations per element. The two differ only in the bit
+pattern of a NaN result (0x7FC0 with kind 2, the hardware's canonical NaN with kind 3).
 """
 import triton
 import triton.language as tl
@@ -14,6 +16,7 @@ import triton.language as tl
 KIND_FP32: tl.constexpr = 0
 KIND_FP16: tl.constexpr = 1
 KIND_BF16: tl.constexpr = 2
+KIND_BF16_NATIVE: tl.constexpr = 3
 
 
 @triton.jit
@@ -54,8 +57,12 @@ def noise_from_words(w, noise_scaled):
 
     ``noise_scaled`` is ``noise / 2**16``; since that scaling is exact, the product
     equals ``((hi - 32767.5) / 2**16) * noise`` bit for bit (``lorasc_fast.stream``).
+    ``hi`` becomes a float without an int -> float conversion: its 16 bits are placed at
+    the top of the mantissa of 2**16 (``2**16 + hi`` exactly), and subtracting
+    ``2**16 + 32767.5`` is exact, so the value is the same as ``hi.to(float32) - 32767.5``.
     """
-    return ((w >> 16).to(tl.float32) - 32767.5) * noise_scaled
+    f = (((w >> 9) & 0x007FFF80) | 0x47800000).to(tl.float32, bitcast=True)
+    return (f - 98303.5) * noise_scaled
 
 
 @triton.jit
@@ -66,6 +73,15 @@ def load_f32(ptrs, mask, KIND: tl.constexpr):
         return (bits << 16).to(tl.float32, bitcast=True)
     else:
         return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_f32_unmasked(ptrs, KIND: tl.constexpr):
+    """``load_f32`` of a tile known to be in bounds."""
+    if KIND == 2:
+        return (tl.load(ptrs).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs).to(tl.float32)
 
 
 @triton.jit
@@ -103,7 +119,13 @@ def _fp16_stochastic(v, frac16):
 @triton.jit
 def store_rounded(ptrs, v, mask, words, KIND: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Store fp32 ``v`` as ``KIND``: round-to-nearest-even, or stochastic with ``words & 0xFFFF``."""
-    if KIND == 0:
+    if KIND == 3:
+        if STOCHASTIC:
+            tl.store(ptrs, _bf16_stochastic_bits(v, words & 0xFFFF).to(tl.bfloat16, bitcast=True),
+                     mask=mask)
+        else:
+            tl.store(ptrs, v.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+    elif KIND == 0:
         tl.store(ptrs, v, mask=mask)
     elif KIND == 1:
         if STOCHASTIC:

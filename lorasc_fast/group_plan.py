@@ -20,6 +20,7 @@ from . import triton_path as tp
 _NATIVE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 3}  # as_pointer kinds
 _WS_FLOATS = 1 << 18  # 1 MiB of partial Grams for the whole plan
 _MAX_PROGRAMS_PER_SM = 8
+_MIN_ITERS = 32  # row blocks a program walks at least (fewer programs, longer pipelined walks)
 
 
 def _table(rows, fields, device) -> torch.Tensor:
@@ -127,30 +128,42 @@ class CascadePlan:
     def _factors(self, L):
         return (L.A_slow.T, L.B_slow.T) if L.fan_in_fan_out else (L.B_slow, L.A_slow)
 
+    def _walk(self, L):
+        """``(tile, row_programs, iters, even)`` of one layer's merge: at most
+        ``_MAX_PROGRAMS_PER_SM`` programs per SM, each walking at least ``_MIN_ITERS`` row blocks."""
+        r_pad = tp._pow2_at_least(L.A_slow.shape[0], 16)
+        tile = {"NUM_STAGES": 1, **tp.merge_config(*L.W.shape, r_pad, self.device)}
+        tile.pop("programs_per_sm", None)
+        M, N = L.W.shape
+        col_blocks = -(-N // tile["BLOCK_N"])
+        row_blocks = -(-M // tile["BLOCK_M"])
+        programs = min(_MAX_PROGRAMS_PER_SM * tp._sm_count(self.device),
+                       col_blocks * -(-row_blocks // _MIN_ITERS))
+        return (tile, *tp.walk(M, N, tile["BLOCK_M"], tile["BLOCK_N"], programs))
+
     def _plan_merges(self):
-        sms = tp._sm_count(self.device)
         self.merge_launches = []
+        walks = {id(L): self._walk(L) for L in self.layers}
         groups = self._groups(lambda L: (L.W.dtype, *(t.dtype for t in self._factors(L)),
                                          tp._pow2_at_least(L.A_slow.shape[0], 16),
-                                         L.W.shape[1] % 4 == 0, L.fan_in_fan_out, _aligned16(L)))
+                                         L.W.shape[1] % 4 == 0, L.fan_in_fan_out, _aligned16(L),
+                                         walks[id(L)][3]))
         for key, idxs in groups.items():
-            first = self.layers[idxs[0]].W
-            tile = {"NUM_STAGES": 1, **tp.merge_config(*first.shape, key[3], self.device)}
+            tile = walks[id(self.layers[idxs[0]])][0]
             rows, counts = [], []
             for idx in idxs:
                 L = self.layers[idx]
                 X, Y = self._factors(L)
                 M, N = L.W.shape
+                _, row_programs, iters, _ = walks[id(L)]
                 col_blocks = -(-N // tile["BLOCK_N"])
-                row_blocks = -(-M // tile["BLOCK_M"])
-                row_programs = max(1, min(row_blocks, -(-_MAX_PROGRAMS_PER_SM * sms // col_blocks)))
                 W = tp.storage(L.W)
                 rows.append(dict(W=W.data_ptr(), X=X.data_ptr(), Y=Y.data_ptr(), M=M, N=N,
                                  stride_wm=W.stride(0), stride_wn=W.stride(1),
                                  stride_xm=X.stride(0), stride_xk=X.stride(1),
                                  stride_yk=Y.stride(0), stride_yn=Y.stride(1), R=X.shape[1],
                                  row_offset=L.row_offset, col_blocks=col_blocks,
-                                 row_programs=row_programs, iters=-(-row_blocks // row_programs),
+                                 row_programs=row_programs, iters=iters,
                                  std_index=idx))
                 counts.append(col_blocks * row_programs)
             self.merge_launches.append(dict(
@@ -161,7 +174,7 @@ class CascadePlan:
                 consts=dict(R_PAD=key[3], STOCHASTIC=self.rounding == "stochastic" and
                             key[0] != torch.float32, W_KIND=tp.STORAGE_KIND[key[0]],
                             X_KIND=_NATIVE[key[1]], Y_KIND=_NATIVE[key[2]], ALIGNED4=key[4],
-                            FAN_IN_FAN_OUT=key[5], ALIGNED16=key[6], **tile)))
+                            FAN_IN_FAN_OUT=key[5], ALIGNED16=key[6], EVEN=key[7], **tile)))
 
     def launch(self, alpha: float, noise_lambda: float, seeds) -> None:
         """Enqueue one boundary; ``self.flag`` and ``self.stds`` are valid once it has run."""

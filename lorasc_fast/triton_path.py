@@ -13,8 +13,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-STORAGE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# bf16: int16 bits and integer rounding in the interpreter, the hardware conversion on the
+# GPU (kernels/common.py); both round to nearest even.
+STORAGE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2 if INTERPRETED else 3}
 
 
 def _kernels():
@@ -34,8 +36,8 @@ def check_available(device: torch.device) -> None:
 
 
 def storage(t: torch.Tensor) -> torch.Tensor:
-    """What the kernels see: bf16 as its int16 bit pattern, other dtypes as they are."""
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    """What the kernels see: bf16 as its int16 bit pattern in the interpreter, else ``t``."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 and INTERPRETED else t
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
@@ -46,15 +48,34 @@ def _pow2_at_least(n: int, floor: int) -> int:
 
 
 def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
-    """Tile shape, warps and pipelining depth for one merge launch.
+    """Tile shape, warps, pipelining depth and programs per SM for one merge launch.
 
     The interpreter costs ~12 ms per program, so it gets large tiles and few programs;
     on the GPU the values come from bench/sweep_merge.py on the H200 (bench/NOTES.md).
     """
     if device.type != "cuda":
-        return dict(BLOCK_M=64, BLOCK_N=128)
+        return dict(BLOCK_M=64, BLOCK_N=128, programs_per_sm=8)
+    if R <= 32:
+        return dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, NUM_STAGES=4, programs_per_sm=8)
     # r > 32: the hoisted A panel and its 3xTF32 split take most of shared memory
-    return dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, NUM_STAGES=4 if R <= 32 else 2)
+    return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, NUM_STAGES=3, programs_per_sm=6)
+
+
+def walk(M: int, N: int, block_m: int, block_n: int, programs: int) -> tuple[int, int, bool]:
+    """``(row_programs, iters, even)`` for a column-panel walk over an ``M x N`` W.
+
+    About ``programs`` programs in all. When the tile divides W and a divisor of the row
+    blocks is near that count (within 2x), the row programs take it, so every walk step is
+    in bounds and the kernel drops its masks (``EVEN``).
+    """
+    col_blocks = -(-N // block_n)
+    row_blocks = -(-M // block_m)
+    target = max(1, min(row_blocks, -(-programs // col_blocks)))
+    if M % block_m == 0 and N % block_n == 0:
+        divisor = max(d for d in range(1, target + 1) if row_blocks % d == 0)
+        if 2 * divisor >= target:
+            return divisor, row_blocks // divisor, True
+    return target, -(-row_blocks // target), False
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,30 +86,31 @@ def _sm_count(device: torch.device) -> int:
 
 
 def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta=True,
-                 programs_per_sm: int = 8, aligned4: bool = True) -> None:
-    """Launch the fused merge; ``programs_per_sm`` and ``aligned4=False`` (per-element Philox
-    calls, same values) exist for bench/sweep_merge.py."""
+                 programs_per_sm: int | None = None, aligned4: bool = True) -> None:
+    """Launch the fused merge; ``programs_per_sm`` (default: ``merge_config``'s) and
+    ``aligned4=False`` (per-element Philox calls, same values) exist for bench/sweep_merge.py."""
     merge, _, _, _ = _kernels()
     M, N = W.shape
     if M == 0 or N == 0:
         return
     R = X.shape[1] if has_delta else 1
     cfg = {"NUM_STAGES": 1, **merge_config(M, N, R, W.device)}
+    default_programs = cfg.pop("programs_per_sm", 8)
+    programs_per_sm = programs_per_sm or default_programs
+    row_programs, iters, even = walk(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"],
+                                     programs_per_sm * _sm_count(W.device))
     col_blocks = -(-N // cfg["BLOCK_N"])
-    row_blocks = -(-M // cfg["BLOCK_M"])
-    row_programs = max(1, min(row_blocks, -(-programs_per_sm * _sm_count(W.device) // col_blocks)))
     if not has_delta:
         X = Y = W  # never read
     extra = {} if has_delta else {"enable_fp_fusion": False}
     merge.merge_kernel[(col_blocks, row_programs)](
         storage(W), X, Y, M, N,
         W.stride(0), W.stride(1), X.stride(0), X.stride(1), Y.stride(0), Y.stride(1),
-        float(scale), float(noise) * 2.0 ** -16, int(seed), int(row_offset), row_programs,
-        -(-row_blocks // row_programs),
+        float(scale), float(noise) * 2.0 ** -16, int(seed), int(row_offset), row_programs, iters,
         R=R, R_PAD=_pow2_at_least(R, 16),
         HAS_DELTA=has_delta, HAS_NOISE=noise != 0.0,
         STOCHASTIC=rounding == "stochastic" and W.dtype != torch.float32,
-        W_KIND=STORAGE_KIND[W.dtype], ALIGNED4=aligned4 and N % 4 == 0,
+        W_KIND=STORAGE_KIND[W.dtype], ALIGNED4=aligned4 and N % 4 == 0, EVEN=even,
         **cfg, **extra,
     )
 

@@ -8,7 +8,7 @@ import torch
 
 import lorasc_fast as lf
 from lorasc_fast import reference as ref
-from lorasc_fast import stream
+from lorasc_fast import stream, triton_path
 from helpers import assert_correctly_rounded, fp32_error_bound, rand_factors, rel_error
 
 BACKENDS = ["triton", "torch"]
@@ -41,6 +41,39 @@ def test_merge_matches_fp64(backend, dtype, fif, r, gen):
     assert_correctly_rounded(out, exact, fp32_error_bound(W, A, B, scale, noise, fif))
     if dtype == torch.float32:
         assert rel_error(out, exact) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_merge_even_walk_unmasked(dtype, rounding, gen, monkeypatch):
+    """A W that the tile divides takes the kernel's unmasked walk (EVEN): correctly rounded,
+    and bit-equal to the masked walk over the same W."""
+    out_f, in_f = 128, 256
+    assert triton_path.walk(out_f, in_f, 64, 128, 8)[2]
+    A, B = rand_factors(out_f, in_f, 3, gen=gen)
+    W = torch.randn(out_f, in_f, generator=gen).to(dtype)
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    kw = dict(scale=0.5, noise=0.05, seed=seed, rounding=rounding, backend="triton")
+    even = lf.merge_(W.clone(), A, B, **kw)
+    if rounding == "nearest":
+        exact = _exact_merge(W, A, B, 0.5, 0.05, seed, 0, False)
+        assert_correctly_rounded(even, exact, fp32_error_bound(W, A, B, 0.5, 0.05, False))
+    walk = triton_path.walk
+    monkeypatch.setattr(triton_path, "walk", lambda *a: (*walk(*a)[:2], False))
+    masked = lf.merge_(W.clone(), A, B, **kw)
+    assert torch.equal(even.view(torch.uint8), masked.view(torch.uint8))
+
+
+@pytest.mark.parametrize("M,N,bm,bn,programs", [(8192, 8192, 16, 256, 1056), (11008, 4096, 16, 256, 1056),
+                                                (1000, 777, 16, 256, 1056), (1024, 4096, 16, 256, 8),
+                                                (4096, 14336, 16, 256, 1056), (48, 256, 16, 256, 1056)])
+def test_walk_covers_every_row_block_once(M, N, bm, bn, programs):
+    row_programs, iters, even = triton_path.walk(M, N, bm, bn, programs)
+    row_blocks = -(-M // bm)
+    assert 1 <= row_programs <= row_blocks and row_programs * iters >= row_blocks
+    assert row_programs * (iters - 1) < row_blocks  # no program walks only past the end
+    if even:
+        assert M % bm == 0 and N % bn == 0 and row_programs * iters == row_blocks
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
