@@ -23,7 +23,7 @@ LORASC_TEST_GPU=1 timeout 150 python -m pytest -q -p no:cacheprovider -n 12 \
 tail -n 3 "$out/gpu_tests.log"
 fi
 if [[ $parts == *bench* ]]; then
-timeout 190 python -m lorasc_fast.cli bench --out "$out" > "$out/bench.log" 2>&1
+timeout 300 python -m lorasc_fast.cli bench --out "$out" > "$out/bench.log" 2>&1
 tail -n 4 "$out/bench.log"
 fi
 if [[ $parts == *ablation* ]]; then

@@ -15,10 +15,11 @@ import triton
 
 from lorasc_fast import triton_path
 
-CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM (round 2: around the round-1 best)
-    (16, 256, 4, 4, 8), (16, 256, 4, 3, 8), (16, 256, 4, 4, 16), (16, 512, 4, 4, 4),
-    (8, 512, 4, 4, 8), (32, 128, 4, 4, 8), (16, 128, 4, 4, 16), (16, 256, 8, 4, 8),
+CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM (round 5: around round 4's best)
+    (16, 256, 4, 4, 8), (16, 256, 4, 4, 6), (16, 256, 4, 4, 12), (16, 256, 4, 3, 8),
+    (16, 512, 8, 2, 4), (16, 128, 4, 4, 12),
 ]
+CANDIDATES_R64 = [(16, 128, 4, 3, 6), (16, 128, 4, 3, 8), (16, 128, 4, 2, 6), (32, 128, 4, 2, 4)]
 
 
 def copy_bandwidth() -> float:
@@ -77,11 +78,18 @@ def main():
         A = torch.randn(r, N, device="cuda")
         B = torch.randn(M, r, device="cuda")
         for mode, kw in modes:
-            for cand in CANDIDATES if r == 16 else CANDIDATES[:3]:
+            for cand in CANDIDATES if r == 16 else CANDIDATES_R64:
                 record(r, mode, cand, **kw)
     # where the time goes, at the default tile: noise alone, and 4x the Philox work
     cand = CANDIDATES[0]
+    A = torch.randn(16, N, device="cuda")
+    B = torch.randn(M, 16, device="cuda")
     record(16, "noise-only", cand, noise=0.1, stochastic=False, has_delta=False)
+    walk = triton_path.walk  # the masked walk on the same shape: what EVEN saves
+    triton_path.walk = lambda *a: (*walk(*a)[:2], False)
+    record(16, "merge/masked", cand, noise=0.0, stochastic=False)
+    record(16, "noise/masked", cand, noise=0.1, stochastic=False)
+    triton_path.walk = walk
     record(16, "noise/per-elem", cand, noise=0.1, stochastic=False, aligned4=False)
     record(16, "noise-only/per-elem", cand, noise=0.1, stochastic=False, has_delta=False, aligned4=False)
     best = {}

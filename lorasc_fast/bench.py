@@ -5,7 +5,10 @@ shape x rank x dtype the median time (CUDA events, ``triton.testing.do_bench``; 
 over buffers larger than L2) and the extra peak device memory of
 
 * ours: ``merge_`` without noise, with noise, with noise + stochastic rounding,
-  ``cascade_merge_`` (moments + EMA + merge + noise) and ``lowrank_moments``;
+  ``cascade_merge_`` (moments + EMA + merge + noise) and ``lowrank_moments``, each one
+  public call (validation, the finite check and its sync, the launch); and the three merge
+  modes' kernel alone ("kernel": 16 launches captured in a CUDA graph, replay time / 16 —
+  the device time without host overhead);
 * peers: PEFT's ``LoraLayer.merge`` on an equivalent layer, the eager merge + noise
   (``delta = B @ A * s; W += delta + (rand - 0.5) * lam * delta.std()``), ``torch.compile``
   of the same, and cuBLAS ``W.addmm_`` (no noise),
@@ -54,6 +57,33 @@ def _median_ms(fn, cuda: bool) -> float:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _graph_ms(fn, launches: int = 16) -> float:
+    """Device time of one ``fn`` (asynchronous launches only): ``launches`` calls captured
+    in one CUDA graph, median replay time over ``launches`` (no host overhead; W rotation
+    keeps the data out of L2)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / launches)
     return sorted(times)[len(times) // 2]
 
 
@@ -117,6 +147,13 @@ def _variants(out_f, in_f, r, dtype, device, rot, with_compile):
                                                     scale=s, noise_lambda=lam, seed=2),
         "moments": lambda: ops.lowrank_moments(A, B, s),
     }
+    if device.type == "cuda":  # the fused kernel alone: no validation, finite check or sync
+        from . import triton_path as tp
+        for name, kw in (("merge", dict(noise=0.0)), ("merge+noise", dict(noise=0.1)),
+                         ("merge+noise+sr", dict(noise=0.1, rounding="stochastic"))):
+            kw = {"rounding": "nearest", **kw}
+            ours[f"{name} kernel"] = (lambda kw: lambda: tp.launch_merge(
+                rot.next(), B, A, scale=s, seed=1, row_offset=0, **kw))(kw)
     peers = {}
     layer = _peft_layer(out_f, in_f, r, dtype, device)
 
@@ -148,7 +185,7 @@ def bench_case(out_f, in_f, r, dtype, device, bw, with_compile=True, peers_too=T
     for who, table in (("ours", ours), ("peer", peers)):
         for name, fn in table.items():
             try:
-                ms = _median_ms(fn, cuda)
+                ms = _graph_ms(fn) if name.endswith(" kernel") else _median_ms(fn, cuda)
                 extra = extra_peak_bytes(fn, cuda)
             except Exception as e:  # a peer that cannot run here is reported, not fatal
                 print(f"  {name}: {type(e).__name__}: {e}")
@@ -244,7 +281,8 @@ def _plot(rows, path):
         key = (row["shape"], row["r"], row["dtype"])
         if row["bw_frac"] is not None and key not in cases:
             cases.append(key)
-    variants = [v for v in ("merge", "merge+noise", "merge+noise+sr", "cascade_merge", "addmm",
+    variants = [v for v in ("merge kernel", "merge+noise kernel", "merge+noise+sr kernel", "merge",
+                            "merge+noise", "merge+noise+sr", "cascade_merge", "addmm",
                             "compile_merge+noise", "peft_merge", "eager_merge+noise")
                 if any(r["variant"] == v for r in rows)]
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cases)), 4.5))
@@ -254,7 +292,7 @@ def _plot(rows, path):
         for key in cases:
             match = [r for r in rows if (r["shape"], r["r"], r["dtype"]) == key and r["variant"] == var]
             ys.append(match[0]["bw_frac"] * 100 if match else 0)
-        hatch = "" if var in ("merge", "merge+noise", "merge+noise+sr", "cascade_merge") else "//"
+        hatch = "//" if var in ("addmm", "compile_merge+noise", "peft_merge", "eager_merge+noise") else ""
         ax.bar([i + j * width for i in range(len(cases))], ys, width, label=var, hatch=hatch)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
     ax.set_xticklabels([f"{s}\nr={r} {d}" for s, r, d in cases], fontsize=8)
