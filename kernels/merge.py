@@ -68,15 +68,24 @@ def merge_panel(
 
 @triton.jit
 def merge_kernel(
-    W, X, Y, M, N,
+    W, X, Y, FLAG, M, N,
     stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
     scale, noise_scaled, seed, row_offset, ROW_PROGRAMS, ITERS,
     R: tl.constexpr, R_PAD: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr,
-    W_KIND: tl.constexpr, ALIGNED4: tl.constexpr, EVEN: tl.constexpr,
+    W_KIND: tl.constexpr, ALIGNED4: tl.constexpr, EVEN: tl.constexpr, HAS_FLAG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
-                scale, noise_scaled, seed, row_offset, tl.program_id(0), tl.program_id(1),
-                ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE, STOCHASTIC, W_KIND, ALIGNED4,
-                EVEN, BLOCK_M, BLOCK_N, NUM_STAGES)
+    """With ``HAS_FLAG`` nothing is written when the int32 at ``FLAG`` is non-zero (the
+    factors' non-finite check, ``finite.py``, queued before this launch)."""
+    if HAS_FLAG:
+        if tl.load(FLAG) == 0:
+            merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk,
+                        stride_yn, scale, noise_scaled, seed, row_offset, tl.program_id(0),
+                        tl.program_id(1), ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE,
+                        STOCHASTIC, W_KIND, ALIGNED4, EVEN, BLOCK_M, BLOCK_N, NUM_STAGES)
+    else:
+        merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk,
+                    stride_yn, scale, noise_scaled, seed, row_offset, tl.program_id(0),
+                    tl.program_id(1), ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE,
+                    STOCHASTIC, W_KIND, ALIGNED4, EVEN, BLOCK_M, BLOCK_N, NUM_STAGES)

@@ -72,7 +72,8 @@ def _raise_for_std(layers, values) -> None:
     for i, (layer, value) in enumerate(zip(layers, values)):
         try:
             ops._check_std(torch.tensor(value), dict(A_slow=layer.A_slow, B_slow=layer.B_slow,
-                                                      A_fast=layer.A_fast, B_fast=layer.B_fast))
+                                                      A_fast=layer.A_fast, B_fast=layer.B_fast),
+                           "scale * B_slow @ A_slow")
         except ValueError as e:
             raise ValueError(f"layers[{i}]: {e}") from None
 

@@ -154,6 +154,7 @@ def _variants(out_f, in_f, r, dtype, device, rot, with_compile):
             kw = {"rounding": "nearest", **kw}
             ours[f"{name} kernel"] = (lambda kw: lambda: tp.launch_merge(
                 rot.next(), B, A, scale=s, seed=1, row_offset=0, **kw))(kw)
+        ours["moments kernel"] = lambda: tp.moments(A, B, s)
     peers = {}
     layer = _peft_layer(out_f, in_f, r, dtype, device)
 
@@ -192,7 +193,7 @@ def bench_case(out_f, in_f, r, dtype, device, bw, with_compile=True, peers_too=T
                 continue
             rows.append(dict(shape=f"{out_f}x{in_f}", r=r, dtype=str(dtype).replace("torch.", ""),
                              who=who, variant=name, ms=ms, floor_ms=floor_ms,
-                             bw_frac=floor_ms / ms if name != "moments" else None,
+                             bw_frac=None if name.startswith("moments") else floor_ms / ms,
                              extra_mib=None if extra is None else extra / 2**20))
     return rows
 

@@ -46,13 +46,16 @@ def lowrank_moments(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, *, bac
     v.check_same_device(A=A, B=B)
     scale = v.check_scalar("scale", scale)
     backend = v.resolve_backend(backend, A.device)
-    v.check_finite(A=A, B=B)
     if backend == "reference":
+        v.check_finite(A=A, B=B)
         return reference.lowrank_moments(A, B, scale)
+    # NaN or Inf in a factor reaches the Grams: a finite std proves finite factors (one sync)
     if backend == "torch":
-        return torch_path.lowrank_moments(A, B, scale)
-    out = triton_path.moments(A, B, scale)
-    return out[0], out[1]
+        mean, std = torch_path.lowrank_moments(A, B, scale)
+    else:
+        mean, std = triton_path.moments(A, B, scale)
+    _check_std(std, dict(A=A, B=B), "scale * B @ A")
+    return mean, std
 
 
 @torch.no_grad()
@@ -72,18 +75,28 @@ def merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, scale: float = 
     scale = v.check_scalar("scale", scale)
     noise = v.check_scalar("noise", noise, low=0.0)
     v.check_no_alias("W", W, A=A, B=B)
-    v.check_finite(A=A, B=B)
-    return _merge(W, A, B, backend, scale=scale, noise=noise, seed=seed, row_offset=row_offset,
-                  rounding=rounding, fan_in_fan_out=fan_in_fan_out)
+    kw = dict(scale=scale, noise=noise, seed=seed, row_offset=row_offset, rounding=rounding,
+              fan_in_fan_out=fan_in_fan_out)
+    if backend != "triton":
+        v.check_finite(A=A, B=B)
+        return _merge(W, A, B, backend, **kw)
+    # the finite check and the merge are queued together; the merge writes nothing if the
+    # check fails, and the one host sync comes after both
+    flag = triton_path.nonfinite_flag([A, B])
+    _merge(W, A, B, backend, flag=flag, **kw)
+    if flag.item():
+        v.check_finite(A=A, B=B)  # names the culprits
+        raise ValueError("non-finite values (NaN or Inf) in A or B")
+    return W
 
 
-def _merge(W, A, B, backend, *, fan_in_fan_out, **kw):
+def _merge(W, A, B, backend, *, fan_in_fan_out, flag=None, **kw):
     if backend == "reference":
         return reference.merge_(W, A, B, fan_in_fan_out=fan_in_fan_out, **kw)
     if backend == "torch":
         return torch_path.merge_(W, A, B, fan_in_fan_out=fan_in_fan_out, **kw)
     X, Y = (A.T, B.T) if fan_in_fan_out else (B, A)
-    triton_path.launch_merge(W, X, Y, **kw)
+    triton_path.launch_merge(W, X, Y, flag=flag, **kw)
     return W
 
 
@@ -107,7 +120,9 @@ def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: floa
          backend=None) -> None:
     """``slow = alpha * slow + (1 - alpha) * fast`` for every pair, in place.
 
-    On CUDA one launch per (slow dtype, fast dtype) combination covers all pairs.
+    On CUDA two launches per (slow dtype, fast dtype) combination cover all pairs: the
+    non-finite check of the fast tensors, then the update (which writes nothing if the check
+    failed); their address tables are cached per set of tensors. One host sync per call.
     """
     slow, fast = list(slow), list(fast)
     v.check_sequences(slow, fast)
@@ -116,8 +131,24 @@ def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: floa
         return
     v.check_same_device(**{f"slow[{i}]": s for i, s in enumerate(slow)})
     backend = v.resolve_backend(backend, slow[0].device)
-    v.check_finite(**{f"fast[{i}]": f for i, f in enumerate(fast)})
-    _ema(slow, fast, alpha, backend)
+    if backend != "triton":
+        v.check_finite(**{f"fast[{i}]": f for i, f in enumerate(fast)})
+        return _ema(slow, fast, alpha, backend)
+    dense, strided = _split_dense(slow, fast)
+    v.check_finite(**{f"fast[{i}]": fast[i] for i in strided})
+    # the dense pairs' check pass and write pass are queued together (one sync, after both)
+    flag = triton_path.ema_([slow[i] for i in dense], [fast[i] for i in dense], alpha, check=True)
+    if flag is not None and flag.item():
+        v.check_finite(**{f"fast[{i}]": f for i, f in enumerate(fast)})  # names the culprits
+        raise ValueError("non-finite values (NaN or Inf) in fast")
+    torch_path.ema_([slow[i] for i in strided], [fast[i] for i in strided], alpha)
+
+
+def _split_dense(slow, fast):
+    """Indices of the pairs the Triton kernel takes (both contiguous), and of the others."""
+    dense = [i for i, (s, f) in enumerate(zip(slow, fast)) if s.is_contiguous() and f.is_contiguous()]
+    taken = set(dense)
+    return dense, [i for i in range(len(slow)) if i not in taken]
 
 
 def _ema(slow, fast, alpha, backend):
@@ -125,10 +156,9 @@ def _ema(slow, fast, alpha, backend):
         return reference.ema_(slow, fast, alpha)
     if backend == "torch":
         return torch_path.ema_(slow, fast, alpha)
-    dense = [(s, f) for s, f in zip(slow, fast) if s.is_contiguous() and f.is_contiguous()]
-    strided = [(s, f) for s, f in zip(slow, fast) if not (s.is_contiguous() and f.is_contiguous())]
-    triton_path.ema_([s for s, _ in dense], [f for _, f in dense], alpha)
-    torch_path.ema_([s for s, _ in strided], [f for _, f in strided], alpha)
+    dense, strided = _split_dense(slow, fast)
+    triton_path.ema_([slow[i] for i in dense], [fast[i] for i in dense], alpha)
+    torch_path.ema_([slow[i] for i in strided], [fast[i] for i in strided], alpha)
 
 
 @torch.no_grad()
@@ -163,7 +193,8 @@ def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, alpha: float, scale: fl
         v.check_finite(**factors)
         probe = [t.clone() for t in (A_slow, B_slow)]
         reference.ema_(probe, [A_fast, B_fast], alpha)
-        _check_std(reference.lowrank_moments(probe[0], probe[1], scale)[1], factors)
+        _check_std(reference.lowrank_moments(probe[0], probe[1], scale)[1], factors,
+                   "scale * B_slow @ A_slow")
         return reference.cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, alpha=alpha,
                                         noise_lambda=noise_lambda, **kw)
     # NaN or Inf in any factor reaches the Grams, so a finite std proves finite factors.
@@ -171,19 +202,19 @@ def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, alpha: float, scale: fl
         std = torch_path.lowrank_moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
     else:
         std = triton_path.moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
-    std_value = _check_std(std, factors)
+    std_value = _check_std(std, factors, "scale * B_slow @ A_slow")
     _ema([A_slow, B_slow], [A_fast, B_fast], alpha, backend)
     _merge(W, A_slow, B_slow, backend, noise=noise_lambda * std_value, **kw)
     return std
 
 
-def _check_std(std: torch.Tensor, factors: dict) -> float:
+def _check_std(std: torch.Tensor, factors: dict, what: str) -> float:
     """The std as a float; if it is not finite, say whether a factor or fp32 range is to blame."""
     value = float(std)
     if value != value or value in (float("inf"), float("-inf")):
         v.check_finite(**factors)
-        raise ValueError(f"the std of scale * B_slow @ A_slow is {value}; the factors "
-                         "overflow fp32 - nothing was written")
+        raise ValueError(f"the std of {what} is {value}; the factors overflow fp32 - "
+                         "nothing was written")
     return value
 
 

@@ -24,6 +24,34 @@ def _kernels():
     return merge, moments, ema, stream
 
 
+def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An int32 device flag, non-zero once the queued checks find NaN or Inf in any tensor.
+
+    No host sync: the flag is read by the write pass queued after it (``launch_merge``'s
+    ``flag``) and by the caller once at the end. Up to four contiguous tensors go through one
+    launch of ``kernels/finite.py``; others (rare: strided factors) through torch reductions.
+    """
+    from .kernels import finite
+    tensors = [t for t in tensors if t.numel()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    dense = [t for t in tensors if t.is_contiguous()][:4]
+    for t in tensors:
+        if not any(t is d for d in dense):
+            flag.bitwise_or_(torch.isfinite(t).all().logical_not().to(torch.int32))
+    if dense:
+        block = 4096 if device.type == "cuda" else 1 << 14
+        args, kinds = [], {}
+        for i in range(4):
+            t = dense[i] if i < len(dense) else dense[0]
+            args += [storage(t), t.numel() if i < len(dense) else 0]
+            kinds[f"K{i}"] = STORAGE_KIND[t.dtype]
+        programs = -(-max(t.numel() for t in dense) // block)
+        finite.nonfinite_kernel[(programs, len(dense))](*args, flag, NUM=len(dense), BLOCK=block,
+                                                        **kinds)
+    return flag
+
+
 def check_available(device: torch.device) -> None:
     if device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
@@ -86,9 +114,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta=True,
-                 programs_per_sm: int | None = None, aligned4: bool = True) -> None:
-    """Launch the fused merge; ``programs_per_sm`` (default: ``merge_config``'s) and
-    ``aligned4=False`` (per-element Philox calls, same values) exist for bench/sweep_merge.py."""
+                 flag: torch.Tensor | None = None, programs_per_sm: int | None = None,
+                 aligned4: bool = True) -> None:
+    """Launch the fused merge; nothing is written if ``flag`` (``nonfinite_flag``) is set.
+    ``programs_per_sm`` (default: ``merge_config``'s) and ``aligned4=False`` (per-element
+    Philox calls, same values) exist for bench/sweep_merge.py."""
     merge, _, _, _ = _kernels()
     M, N = W.shape
     if M == 0 or N == 0:
@@ -104,14 +134,14 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
         X = Y = W  # never read
     extra = {} if has_delta else {"enable_fp_fusion": False}
     merge.merge_kernel[(col_blocks, row_programs)](
-        storage(W), X, Y, M, N,
+        storage(W), X, Y, flag if flag is not None else storage(W), M, N,
         W.stride(0), W.stride(1), X.stride(0), X.stride(1), Y.stride(0), Y.stride(1),
         float(scale), float(noise) * 2.0 ** -16, int(seed), int(row_offset), row_programs, iters,
         R=R, R_PAD=_pow2_at_least(R, 16),
         HAS_DELTA=has_delta, HAS_NOISE=noise != 0.0,
         STOCHASTIC=rounding == "stochastic" and W.dtype != torch.float32,
         W_KIND=STORAGE_KIND[W.dtype], ALIGNED4=aligned4 and N % 4 == 0, EVEN=even,
-        **cfg, **extra,
+        HAS_FLAG=flag is not None, **cfg, **extra,
     )
 
 
@@ -154,43 +184,57 @@ def moments(A, B, scale, *, ema=None) -> torch.Tensor:
 
 
 def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float,
-         skip: torch.Tensor | None = None) -> None:
+         skip: torch.Tensor | None = None, check: bool = False) -> torch.Tensor | None:
     """One launch per (slow dtype, fast dtype) combination; pairs must be contiguous.
 
-    ``skip``: an int32 device flag; when non-zero the kernel writes nothing."""
-    _, _, ema, _ = _kernels()
+    ``skip``: an int32 device flag; when non-zero the kernel writes nothing. ``check``: first
+    queue the non-finite pass over the fast tensors into that flag (created if None); the flag
+    is returned for the caller's one read."""
     groups: dict = {}
     for s, f in zip(slow, fast):
         if s.numel():
             groups.setdefault((s.dtype, f.dtype), []).append((s, f))
-    if groups and skip is None:
+    if not groups:
+        return skip
+    if skip is None:
         skip = torch.zeros(1, dtype=torch.int32, device=next(iter(groups.values()))[0][0].device)
-    for launch in [ema_launch(pairs) for pairs in groups.values()]:
+    launches = [ema_launch(pairs) for pairs in groups.values()]
+    if check:
+        for launch in launches:
+            launch(alpha, skip, check=True)
+    for launch in launches:
         launch(alpha, skip)
+    return skip
 
 
 EMA_BLOCK = 1024
 
 
-def ema_launch(pairs):
-    """Build the address and block tables of one EMA launch (one dtype pair) once; return a
-    function ``(alpha, skip) -> None`` that launches it."""
-    _, _, ema, _ = _kernels()
-    numels = np.array([s.numel() for s, _ in pairs], dtype=np.int64)
+@functools.lru_cache(maxsize=64)
+def _ema_table(key: tuple, device: torch.device):
+    """The address and block table of one EMA launch: a function of the pairs' addresses and
+    sizes only (``key``), so repeated calls over the same tensors reuse it."""
+    slow_ptrs, fast_ptrs, numels = (np.array(col, dtype=np.int64) for col in zip(*key))
     counts = -(-numels // EMA_BLOCK)
     first = np.repeat(np.cumsum(counts) - counts, counts)
-    block_tensor = np.repeat(np.arange(len(pairs)), counts)
+    block_tensor = np.repeat(np.arange(len(key)), counts)
     block_start = (np.arange(counts.sum()) - first) * EMA_BLOCK
-    table = np.concatenate([[s.data_ptr() for s, _ in pairs], [f.data_ptr() for _, f in pairs],
-                            numels, block_tensor, block_start]).astype(np.int64)
-    table = torch.from_numpy(table).to(pairs[0][0].device)
-    n, nb = len(pairs), int(counts.sum())
+    table = np.concatenate([slow_ptrs, fast_ptrs, numels, block_tensor, block_start])
+    return torch.from_numpy(table.astype(np.int64)).to(device), int(counts.sum())
+
+
+def ema_launch(pairs):
+    """The tables of one EMA launch (one dtype pair); returns ``launch(alpha, skip, check=False)``."""
+    _, _, ema, _ = _kernels()
+    key = tuple((s.data_ptr(), f.data_ptr(), s.numel()) for s, f in pairs)
+    table, nb = _ema_table(key, pairs[0][0].device)
+    n = len(pairs)
     kinds = dict(S_KIND=STORAGE_KIND[pairs[0][0].dtype], F_KIND=STORAGE_KIND[pairs[0][1].dtype])
 
-    def launch(alpha, skip):
+    def launch(alpha, skip, check=False):
         ema.ema_kernel[(nb,)](table[:n], table[n:2 * n], table[2 * n:3 * n],
                               table[3 * n:3 * n + nb], table[3 * n + nb:], skip, float(alpha),
-                              BLOCK=EMA_BLOCK, **kinds)
+                              CHECK=check, BLOCK=EMA_BLOCK, **kinds)
     return launch
 
 

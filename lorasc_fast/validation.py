@@ -87,6 +87,8 @@ def _byte_range(t: torch.Tensor):
     if t.numel() == 0:
         return None
     lo = t.data_ptr()
+    if t.is_contiguous():
+        return lo, lo + t.numel() * t.element_size()
     span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
     return lo, lo + (span + 1) * t.element_size()
 
@@ -153,9 +155,9 @@ def check_sequences(slow: Sequence, fast: Sequence) -> None:
     if len(slow) != len(fast):
         raise ValueError(f"ema_ got {len(slow)} slow and {len(fast)} fast tensors")
     for i, (s, f) in enumerate(zip(slow, fast)):
-        for name, t in ((f"slow[{i}]", s), (f"fast[{i}]", f)):
+        for name, t in (("slow", s), ("fast", f)):
             if not isinstance(t, torch.Tensor) or t.dtype not in FACTOR_DTYPES:
-                raise TypeError(f"{name} must be a float32/float16/bfloat16 tensor, got "
+                raise TypeError(f"{name}[{i}] must be a float32/float16/bfloat16 tensor, got "
                                 f"{getattr(t, 'dtype', type(t).__name__)}")
         if s.shape != f.shape:
             raise ValueError(f"slow[{i}] is {tuple(s.shape)} but fast[{i}] is {tuple(f.shape)}")

@@ -121,6 +121,28 @@ def test_ema_rejects(gen):
     assert torch.equal(s[0], before)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [1, 3])
+def test_ema_rejects_non_finite_without_writing(backend, bad, gen):
+    """A NaN in one fast tensor (pair 1: dense, on the Triton path checked on the device;
+    pair 3: strided) rejects the whole call, naming it; no slow tensor changes."""
+    slow = [torch.randn(5, 7, generator=gen) for _ in range(3)] + [torch.randn(7, 5, generator=gen).T]
+    fast = [torch.randn(5, 7, generator=gen) for _ in range(4)]
+    fast[bad][2, 3] = float("nan")
+    before = [t.clone() for t in slow]
+    with pytest.raises(ValueError, match=f"NaN or Inf\\) in fast\\[{bad}\\]"):
+        lf.ema_(slow, fast, 0.5, backend=backend)
+    assert all(torch.equal(b, t) for b, t in zip(before, slow))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moments_reject_non_finite(backend, gen):
+    A, B = torch.randn(3, 50, generator=gen), torch.randn(40, 3, generator=gen)
+    B[7, 1] = float("-inf")
+    with pytest.raises(ValueError, match="NaN or Inf\\) in B"):
+        lf.lowrank_moments(A, B, 2.0, backend=backend)
+
+
 def test_moments_reject_bad_factors():
     with pytest.raises(ValueError, match="rank mismatch"):
         lf.lowrank_moments(torch.randn(3, 5), torch.randn(4, 2))

@@ -109,6 +109,36 @@ def test_moments_ema_cascade_on_gpu(r, gen):
     assert ((got - want).abs() <= 2.0 ** -7 * want.abs() + 1e-5 * ref_std.item() + 1e-6).all()
 
 
+@pytest.mark.parametrize("bad", [None, float("nan"), float("-inf")])
+def test_queued_finite_checks_on_gpu(bad, gen):
+    """merge_, ema_ and lowrank_moments check on the device, with the write pass queued behind
+    the check: a bad factor rejects the call, names it and leaves every tensor as it was."""
+    W = torch.randn(1000, 777, generator=gen).bfloat16().cuda()
+    A, B = torch.randn(3, 777, generator=gen).cuda(), torch.randn(1000, 3, generator=gen).bfloat16().cuda()
+    slow = [torch.randn(5000, 8, generator=gen).cuda() for _ in range(3)]
+    fast = [torch.randn(5000, 8, generator=gen).bfloat16().cuda() for _ in range(3)]
+    if bad is not None:
+        B[999, 2] = bad
+        fast[2][4999, 7] = bad
+    before = [t.clone() for t in (W, *slow)]
+    expected_slow = [0.25 * s + 0.75 * f.float() for s, f in zip(slow, fast)]
+    assert triton_path.nonfinite_flag([A, B, *fast]).item() == (bad is not None)
+    if bad is None:
+        lf.merge_(W, A, B, scale=2.0, noise=0.1, seed=3)
+        lf.ema_(slow, fast, 0.25)
+        for s_, e in zip(slow, expected_slow):
+            torch.testing.assert_close(s_, e, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(W, before[0])
+        return
+    with pytest.raises(ValueError, match="NaN or Inf\\) in B"):
+        lf.merge_(W, A, B, scale=2.0, noise=0.1, seed=3)
+    with pytest.raises(ValueError, match="NaN or Inf\\) in fast\\[2\\]"):
+        lf.ema_(slow, fast, 0.25)
+    with pytest.raises(ValueError, match="NaN or Inf\\) in B"):
+        lf.lowrank_moments(A, B.float(), 2.0)
+    assert all(torch.equal(b, t) for b, t in zip(before, (W, *slow)))
+
+
 @pytest.mark.parametrize("tiles", [(16, 512, 4), (64, 128, 8), (128, 64, 4)])
 def test_tile_invariance_on_gpu(tiles, monkeypatch, gen):
     W = torch.randn(1000, 1024, generator=gen).bfloat16().cuda()
