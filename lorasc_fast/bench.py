@@ -16,7 +16,9 @@ over buffers larger than L2) and the extra peak device memory of
 then the EMA of a whole adapter set and whole-model cascade boundaries
 (``cascade_merge_many_``). The floor of an in-place pass is ``2 * W.nbytes / copy
 bandwidth``; "% BW" is that floor over the measured time. Without CUDA it times the torch
-path against PEFT's CPU merge at small sizes. Writes JSON, CSV and a PNG plot.
+path against PEFT's CPU merge at small sizes (all variants of a case timed round-robin, median
+of 15 rounds: the shared CPU's slow phases hit every variant alike). Writes JSON, CSV and a
+PNG plot.
 """
 from __future__ import annotations
 
@@ -85,6 +87,20 @@ def _graph_ms(fn, launches: int = 16) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / launches)
     return sorted(times)[len(times) // 2]
+
+
+def _round_robin_ms(fns: dict, reps: int = 15) -> dict:
+    """CPU: each function once per round, ``reps`` rounds, median per function. Interleaving
+    spreads the shared machine's slow phases over all variants instead of one of them."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def extra_peak_bytes(fn, cuda: bool) -> int | None:
@@ -183,10 +199,16 @@ def bench_case(out_f, in_f, r, dtype, device, bw, with_compile=True, peers_too=T
         peers = {k: v for k, v in peers.items() if k in ("peft_merge", "addmm")}
     floor_ms = 2 * out_f * in_f * torch.finfo(dtype).bits / 8 / bw * 1e3
     rows = []
+    cpu_ms = {} if cuda else _round_robin_ms({**ours, **peers})
     for who, table in (("ours", ours), ("peer", peers)):
         for name, fn in table.items():
             try:
-                ms = _graph_ms(fn) if name.endswith(" kernel") else _median_ms(fn, cuda)
+                if not cuda:
+                    ms = cpu_ms[name]
+                elif name.endswith(" kernel"):
+                    ms = _graph_ms(fn)
+                else:
+                    ms = _median_ms(fn, cuda)
                 extra = extra_peak_bytes(fn, cuda)
             except Exception as e:  # a peer that cannot run here is reported, not fatal
                 print(f"  {name}: {type(e).__name__}: {e}")
