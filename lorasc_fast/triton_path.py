@@ -145,10 +145,13 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
     )
 
 
+MOMENT_CHUNK = {"cuda": 2048, "cpu": 4096}  # rows per Gram partial (bench/sweep_moments.py)
+
+
 def moment_splits(IN: int, OUT: int, max_parts: int, device: torch.device) -> tuple[int, int]:
     """How many programs reduce A's columns and B's rows for the Grams (at most ``max_parts``
-    each): chunks of ~2048 rows on the GPU, ~4096 in the interpreter (fewer programs)."""
-    chunk = 2048 if device.type == "cuda" else 4096
+    each): chunks of ``MOMENT_CHUNK`` rows (fewer, longer ones in the interpreter)."""
+    chunk = MOMENT_CHUNK["cuda" if device.type == "cuda" else "cpu"]
     return (max(1, min(max_parts, -(-IN // chunk))), max(1, min(max_parts, -(-OUT // chunk))))
 
 

@@ -139,6 +139,21 @@ def test_stochastic_merge_on_exact_inputs(backend, dtype, gen):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("chunk", [64, 100, 4096])
+@pytest.mark.parametrize("r", [3, 16])
+def test_moments_independent_of_the_split(chunk, r, monkeypatch, gen):
+    """The Grams reduced by many partial programs (chunks of 64 or 100 rows, uneven tails,
+    with the EMA on the fly) give the same moments as one program, to fp32 accuracy."""
+    A, B, A_f, B_f = (t for pair in (rand_factors(300, 177, r, gen=gen) for _ in range(2)) for t in pair)
+    A = A + 0.3
+    M = 0.7 * ((0.6 * B + 0.4 * B_f).double() @ (0.6 * A + 0.4 * A_f).double())
+    monkeypatch.setitem(triton_path.MOMENT_CHUNK, "cpu", chunk)
+    assert triton_path.moment_splits(177, 300, 64, A.device) == (-(-177 // chunk), -(-300 // chunk))
+    mean, std = triton_path.moments(A, B, 0.7, ema=(A_f, B_f, 0.6))
+    assert abs(mean.item() - M.mean().item()) <= 1e-5 * M.abs().mean().item()
+    assert abs(std.item() - M.std().item()) <= 1e-5 * M.std().item()
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("r", [1, 3, 16, 64])
 @pytest.mark.parametrize("fdtype", [torch.float32, torch.bfloat16])

@@ -1,0 +1,62 @@
+"""Tuning sweep of the moments kernels (Gram partials + fp64 finalize) on CUDA.
+
+The partials' work split (``triton_path.MOMENT_CHUNK``: rows of A^T / B per program) for
+several shapes and ranks, with and without the EMA on the fly: device time from CUDA-graph
+replay (``bench._graph_ms``), each result checked against the default split; then the
+whole-model boundaries (whose grouped moments use the same split) at each chunk size.
+
+    python bench/sweep_moments.py --out bench/results/tuning/h200_sweep_moments.json
+"""
+import argparse
+import json
+
+import torch
+import triton
+
+from lorasc_fast import bench, triton_path
+
+CHUNKS = [2048, 1024, 512, 256, 128]
+CASES = [(4096, 4096, 8), (8192, 8192, 16), (8192, 8192, 64), (28672, 8192, 16), (4096, 14336, 16)]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench/results/tuning/sweep_moments.json")
+    p.add_argument("--no-models", action="store_true")
+    args = p.parse_args()
+    device = torch.device("cuda")
+    default = triton_path.MOMENT_CHUNK["cuda"]
+    rows = []
+    for out_f, in_f, r in CASES:
+        A, A_f = (torch.randn(r, in_f, device=device) for _ in range(2))
+        B, B_f = (torch.randn(out_f, r, device=device) for _ in range(2))
+        for ema in (None, (A_f, B_f, 0.6)):
+            want = triton_path.moments(A, B, 2.0, ema=ema)
+            for chunk in CHUNKS:
+                triton_path.MOMENT_CHUNK["cuda"] = chunk
+                got = triton_path.moments(A, B, 2.0, ema=ema)
+                rel = ((got - want).abs() / want.abs()).max().item()
+                us = bench._graph_ms(lambda: triton_path.moments(A, B, 2.0, ema=ema)) * 1e3
+                rows.append(dict(shape=[out_f, in_f], r=r, ema=ema is not None, chunk=chunk,
+                                 us=us, rel_diff_vs_default=rel))
+                print(f"{out_f}x{in_f} r={r:2d} ema={ema is not None!s:5} chunk {chunk:4d}: "
+                      f"{us:7.1f} us (rel. diff {rel:.1e})", flush=True)
+            triton_path.MOMENT_CHUNK["cuda"] = default
+    models = []
+    if not args.no_models:
+        bw = bench.copy_bandwidth(device)
+        for chunk in (default, 256):
+            triton_path.MOMENT_CHUNK["cuda"] = chunk
+            for kind in ("llama2-7b-qv", "llama3-8b-all"):
+                m = bench.bench_model(kind, device, bw)
+                models.append(dict(chunk=chunk, **m))
+                print(f"{kind} chunk {chunk}: planned {m['ms']:.2f} ms ({m['bw_frac']:.1%})",
+                      flush=True)
+        triton_path.MOMENT_CHUNK["cuda"] = default
+    with open(args.out, "w") as f:
+        json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                       triton=triton.__version__, rows=rows, models=models), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
