@@ -76,12 +76,6 @@ def load_f32(ptrs, mask, KIND: tl.constexpr):
 
 
 @triton.jit
-def count_nonfinite(x):
-    """How many elements of the fp32 block ``x`` are NaN or +-Inf (an int32 scalar)."""
-    return tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)
-
-
-@triton.jit
 def load_f32_unmasked(ptrs, KIND: tl.constexpr):
     """``load_f32`` of a tile known to be in bounds."""
     if KIND == 2:
