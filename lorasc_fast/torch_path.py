@@ -43,7 +43,8 @@ def _apply(W, X, Y, scale, noise, seed, row_offset, rounding):
     need_words = noise != 0.0 or (rounding == "stochastic" and W.dtype != torch.float32)
     step = chunk_rows(W, need_words)
     # one delta buffer for all chunks: fresh large allocations cost page faults every chunk
-    buf = None if X is None else torch.empty(min(step, rows), cols, device=W.device)
+    buf = None if X is None else torch.empty(min(step, rows), cols, dtype=torch.float32,
+                                             device=W.device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         Wc = W[r0:r1]
@@ -52,8 +53,9 @@ def _apply(W, X, Y, scale, noise, seed, row_offset, rounding):
         delta = None
         if X is not None:
             delta = torch.mm(X[r0:r1].float(), Yf, out=buf[:r1 - r0]).mul_(scale)
-        if not need_words:
-            Wc.add_(delta)
+        if not need_words:  # a plain merge (or a zero-noise, nearest add_noise_: nothing to do)
+            if delta is not None:
+                Wc.add_(delta)
             continue
         v = Wc if W.dtype == torch.float32 else Wc.float()
         if delta is not None:

@@ -43,6 +43,28 @@ def test_merge_matches_fp64(backend, dtype, fif, r, gen):
         assert rel_error(out, exact) <= 1e-6
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_noise_is_a_no_op(backend, dtype, gen):
+    W = torch.randn(33, 70, generator=gen).to(dtype)
+    before = W.clone()
+    lf.add_noise_(W, 0.0, seed=5, backend=backend)
+    assert torch.equal(W, before)
+
+
+def test_torch_path_ignores_the_default_dtype(gen):
+    W = torch.randn(40, 30, generator=gen)
+    A, B = rand_factors(40, 30, 3, gen=gen)
+    expected = lf.merge_(W.clone(), A, B, scale=0.5, backend="torch")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = lf.merge_(W.clone(), A, B, scale=0.5, backend="torch")
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_merge_even_walk_unmasked(dtype, rounding, gen, monkeypatch):
@@ -210,7 +232,10 @@ def test_cascade_merge(backend, fif, dtype, gen):
 def test_zero_sized_and_no_autograd():
     W = torch.randn(4, 6, requires_grad=True)
     A, B = torch.randn(2, 6), torch.randn(4, 2)
-    lf.merge_(W, A, B, noise=0.1)
+    lf.merge_(W, A, B, noise=0.1)  # in place on a leaf that requires grad: raises unless no_grad
     assert W.grad_fn is None
+    V = W * 1.0  # a non-leaf: an op recorded by autograd would replace its grad_fn
+    lf.merge_(V, A, B, noise=0.1)
+    assert type(V.grad_fn).__name__ == "MulBackward0"
     empty = torch.empty(0, 6)
-    lf.merge_(empty, A, torch.randn(0, 2), backend="triton")
+    assert lf.merge_(empty, A, torch.randn(0, 2), backend="triton") is empty
