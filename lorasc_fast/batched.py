@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, torch_path, triton_path
+from . import ops, reference, torch_path, triton_path
 from .group_plan import CascadePlan, eligible
 from . import validation as v
 
@@ -68,6 +68,13 @@ def plan_for(layers, *, rounding: str = "nearest", backend=None):
     return CascadePlan(layers, rounding=rounding)
 
 
+def _reference_std(layer: CascadeLayer, alpha: float) -> torch.Tensor:
+    """The spec's std of the EMA'd product, from copies of the slow factors."""
+    probe = [t.clone() for t in (layer.A_slow, layer.B_slow)]
+    reference.ema_(probe, [layer.A_fast, layer.B_fast], alpha)
+    return reference.lowrank_moments(probe[0], probe[1], layer.scale)[1]
+
+
 def _raise_for_std(layers, values) -> None:
     for i, (layer, value) in enumerate(zip(layers, values)):
         try:
@@ -103,12 +110,13 @@ def cascade_merge_many_(layers, *, alpha: float, noise_lambda: float = 0.0,
                    if (r := v._byte_range(t)) is not None)
     if any(nxt[0] < cur[1] for cur, nxt in zip(spans, spans[1:])):
         raise ValueError("two layers share a weight or a slow factor")
-    if backend == "reference":
-        return torch.stack([ops.cascade_merge_(
+    if backend == "reference":  # every std checked on EMA'd copies before the first write
+        _raise_for_std(layers, [float(_reference_std(layer, alpha)) for layer in layers])
+        return torch.stack([reference.cascade_merge_(
             layer.W, layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast, alpha=alpha,
             scale=layer.scale, noise_lambda=noise_lambda, seed=layer.seed,
-            row_offset=layer.row_offset, rounding=rounding, fan_in_fan_out=layer.fan_in_fan_out,
-            backend="reference") for layer in layers])
+            row_offset=layer.row_offset, rounding=rounding, fan_in_fan_out=layer.fan_in_fan_out)
+            for layer in layers])
     if backend == "triton" and eligible(layers):
         if plan is None or plan.rounding != rounding or not plan.matches(layers):
             plan = CascadePlan(layers, rounding=rounding)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed
 from .batched import CascadeLayer, cascade_merge_many_, plan_for
 
 __all__ = ["LoRASC", "stream_seed", "NOISE", "INIT"]
@@ -289,20 +289,10 @@ class LoRASC:
         kw = dict(seed=stream_seed(self.seed, boundary, i, NOISE), rounding=self.rounding,
                   fan_in_fan_out=_fan_in_fan_out(m), backend=self.backend)
         magnitude = m.lora_magnitude_vector[adapter] if layer.dora else None
-        if layer.shard is not None:
-            distributed.cascade_merge_(W, layer.A_slow, layer.B_slow, A_f, B_f, shard=layer.shard,
-                                       alpha=self.alpha, scale=scale, noise_lambda=noise_lambda,
-                                       magnitude=magnitude.weight if layer.dora else None, **kw)
-        elif not layer.dora:
-            ops.cascade_merge_(W, layer.A_slow, layer.B_slow, A_f, B_f, alpha=self.alpha,
-                               scale=scale, noise_lambda=noise_lambda, **kw)
-        else:
-            from .dora import dora_merge_
-            ops.ema_([layer.A_slow, layer.B_slow], [A_f, B_f], self.alpha, backend=self.backend)
-            std = float(ops.lowrank_moments(layer.A_slow, layer.B_slow, scale,
-                                            backend=self.backend)[1])
-            dora_merge_(W, layer.A_slow, layer.B_slow, magnitude.weight, scale=scale,
-                        noise=noise_lambda * std, **kw)
+        # sharded layers, and DoRA ones (EMA into temporaries, std checked, then the merge)
+        distributed.cascade_merge_(W, layer.A_slow, layer.B_slow, A_f, B_f, shard=layer.shard,
+                                   alpha=self.alpha, scale=scale, noise_lambda=noise_lambda,
+                                   magnitude=magnitude.weight if layer.dora else None, **kw)
         if layer.dora and hasattr(magnitude, "_cache_clear"):
             magnitude._cache_clear()
 

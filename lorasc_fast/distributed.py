@@ -132,8 +132,10 @@ def _rows(t, shard: RowShard) -> torch.Tensor:
     return t.to_local() if same else _full(t)[shard.offset:shard.offset + shard.rows]
 
 
-def _fast_block(A, B, shard: RowShard, fan_in_fan_out: bool):
-    """The fast factors in this rank's slow layout (views where possible)."""
+def _fast_block(A, B, shard: RowShard | None, fan_in_fan_out: bool):
+    """The fast factors in this rank's slow layout (views where possible; as is unsharded)."""
+    if shard is None:
+        return A, B
     if fan_in_fan_out:
         return _full(A)[:, shard.offset:shard.offset + shard.rows], _full(B)
     return _full(A), _rows(B, shard)
@@ -223,13 +225,14 @@ def slow_moments(A_slow, B_slow, scale, shard: RowShard | None, fan_in_fan_out: 
 
 
 @torch.no_grad()
-def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, shard: RowShard, alpha: float,
+def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, shard: RowShard | None, alpha: float,
                    scale: float, noise_lambda: float, seed: int, rounding: str,
                    fan_in_fan_out: bool, magnitude=None, backend=None) -> torch.Tensor:
-    """``ops.cascade_merge_`` for a row-sharded W (DoRA with ``magnitude``); returns the std.
+    """``ops.cascade_merge_`` for a row-sharded W (``shard=None``: an unsharded one, the DoRA
+    case), DoRA with ``magnitude``; returns the std.
 
     The EMA goes into factor-sized temporaries first, so a non-finite std (the same on
-    every rank) raises with nothing written. Collectives: the all-gathers of
+    every rank) raises with nothing written. Collectives (sharded): the all-gathers of
     :func:`_fast_block` and one all_reduce of the Grams.
     """
     A_f, B_f = _fast_block(A_fast, B_fast, shard, fan_in_fan_out)
@@ -241,13 +244,15 @@ def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, shard: RowShard, alpha:
         raise ValueError(f"the std of scale * B_slow @ A_slow is {value}; nothing was written")
     A_slow.copy_(A_new)
     B_slow.copy_(B_new)
-    kw = dict(scale=scale, noise=noise_lambda * value, seed=seed, row_offset=shard.offset,
-              rounding=rounding, fan_in_fan_out=fan_in_fan_out, backend=backend)
+    kw = dict(scale=scale, noise=noise_lambda * value, seed=seed,
+              row_offset=shard.offset if shard else 0, rounding=rounding,
+              fan_in_fan_out=fan_in_fan_out, backend=backend)
     if magnitude is None:
         ops.merge_(local(W), A_slow, B_slow, **kw)
     else:
         from .dora import dora_merge_
-        dora_merge_(local(W), A_slow, B_slow, _rows(magnitude, shard), **kw)
+        dora_merge_(local(W), A_slow, B_slow, _rows(magnitude, shard) if shard else magnitude,
+                    **kw)
     return std
 
 

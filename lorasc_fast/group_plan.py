@@ -53,8 +53,11 @@ def eligible(layers) -> bool:
 
 
 def _signature(layers):
-    return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for L in layers
-                 for t in (L.W, L.A_slow, L.B_slow, L.A_fast, L.B_fast))
+    """Everything the tables hold: the tensors' addresses and layouts, and each layer's scale,
+    row offset and orientation (a plan is reused only while all of them are unchanged)."""
+    return tuple((L.scale, L.row_offset, L.fan_in_fan_out,
+                  *((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+                    for t in (L.W, L.A_slow, L.B_slow, L.A_fast, L.B_fast))) for L in layers)
 
 
 class CascadePlan:

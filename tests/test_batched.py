@@ -41,7 +41,9 @@ def test_many_equals_per_layer(backend, dtype, fdtype, gen):
             assert torch.equal(got, want)
 
 
-def test_many_rejects_before_writing(gen):
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_many_rejects_before_writing(backend, gen):
+    """A bad last layer is found before any layer is written, on every backend."""
     layers = _layers(gen)
     before = _clone(layers)
 
@@ -51,7 +53,7 @@ def test_many_rejects_before_writing(gen):
 
     layers[2].B_fast[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layers\[2\].*NaN or Inf"):
-        cascade_merge_many_(layers, alpha=0.5, noise_lambda=1.0)
+        cascade_merge_many_(layers, alpha=0.5, noise_lambda=1.0, backend=backend)
     assert unchanged()
     layers[2].B_fast[0, 0] = 0.0
     bad_shape = CascadeLayer(torch.randn(3, 3), layers[0].A_slow, layers[0].B_slow,
@@ -83,6 +85,26 @@ def test_plan_reuse_across_boundaries(gen):
         assert torch.equal(a, b)
         assert all(torch.equal(x.W, y.W) and torch.equal(x.A_slow, y.A_slow)
                    for x, y in zip(layers, fresh))
+
+
+def test_plan_follows_a_changed_scale_or_offset(gen):
+    """A plan holds each layer's scale and row offset: changing either makes it stale, and
+    a call handed the stale plan builds a fresh one."""
+    from lorasc_fast.group_plan import CascadePlan
+    layers = _layers(gen)
+    plan = CascadePlan(layers)
+    assert plan.matches(layers)
+    layers[1].scale *= 3.0
+    assert not plan.matches(layers)
+    layers[1].scale /= 3.0
+    layers[2].row_offset = 7
+    assert not plan.matches(layers)
+    layers[0].scale = 5.0
+    fresh = _clone(layers)
+    fresh[2].row_offset = 7
+    a = cascade_merge_many_(layers, alpha=0.5, noise_lambda=1.0, backend="triton", plan=plan)
+    b = cascade_merge_many_(fresh, alpha=0.5, noise_lambda=1.0, backend="triton")
+    assert torch.equal(a, b) and all(torch.equal(x.W, y.W) for x, y in zip(layers, fresh))
 
 
 def test_large_rank_takes_the_per_layer_path(gen):

@@ -442,6 +442,23 @@ def test_nan_fast_factor_modifies_nothing(gen):
     assert cascade.boundaries == 0
 
 
+def test_dora_std_overflow_modifies_nothing(gen):
+    """Finite fast factors whose EMA'd product overflows fp32 on a DoRA layer: the boundary is
+    refused before the slow factors, W or the magnitude change."""
+    cascade = LoRASC(tiny("llama", use_dora=True))
+    pretend_training(cascade, gen)
+    with torch.no_grad():
+        for t in fast(cascade.layers[0]):
+            t.copy_(1e30 * torch.randn(t.shape, generator=gen))
+    layer = cascade.layers[0]
+    mag = layer.module.lora_magnitude_vector[ADAPTER].weight
+    snapshot = [t.clone() for t in (weight(layer), layer.A_slow, layer.B_slow, mag)]
+    with pytest.raises(ValueError, match="nothing was written"):
+        cascade.step()
+    assert all(torch.equal(a, b) for a, b in
+               zip(snapshot, (weight(layer), layer.A_slow, layer.B_slow, mag)))
+
+
 def test_merged_adapter_is_refused():
     model = tiny("llama")
     cascade = LoRASC(model)
