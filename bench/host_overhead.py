@@ -11,14 +11,12 @@ from lorasc_fast import ops, triton_path
 from lorasc_fast import validation as v
 
 
-def per_call_us(fn, n=300, sync_each=False):
+def per_call_us(fn, n=300):
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-        if sync_each:
-            torch.cuda.synchronize()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e6
 
@@ -37,14 +35,12 @@ def main():
         v.check_scalar("noise", 0.1, low=0.0)
         v.check_no_alias("W", W, A=A, B=B)
 
-    def finite_no_sync():
-        torch.isfinite(torch.stack(torch._foreach_norm([A, B], float("inf")))).all()
-
     pieces = {
         "torch.cuda.synchronize()": lambda: torch.cuda.synchronize(),
         "validation (python)": validation,
-        "finite check (incl. sync)": lambda: v.check_finite(A=A, B=B),
-        "finite check launches (no sync)": finite_no_sync,
+        "check_finite (names culprits; incl. sync)": lambda: v.check_finite(A=A, B=B),
+        "nonfinite_flag (queued, no sync)": lambda: triton_path.nonfinite_flag([A, B]),
+        "nonfinite_flag + flag read (sync)": lambda: triton_path.nonfinite_flag([A, B]).item(),
         "launch_merge, merge (async)": lambda: triton_path.launch_merge(W, B, A, noise=0.0, **kw),
         "launch_merge, merge+noise (async)": lambda: triton_path.launch_merge(W, B, A, noise=0.1, **kw),
         "ops.merge_ (whole call)": lambda: ops.merge_(W, A, B, scale=2.0, noise=0.1, seed=1),

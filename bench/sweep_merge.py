@@ -2,7 +2,7 @@
 
 Times candidate (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES, programs per SM) variants for each mode (merge / merge+noise /
 merge+noise+stochastic) and rank, plus where the time goes (noise alone; per-element
-Philox calls, 4x the work), with CUDA events (median of triton.testing.do_bench;
+Philox calls, 4x the work), with CUDA events (median of `lorasc_fast.bench._median_ms`;
 W rotated over buffers larger than L2), as a fraction of measured copy bandwidth.
 
     python bench/sweep_merge.py --out bench/results/sweep.json
@@ -13,7 +13,7 @@ import json
 import torch
 import triton
 
-from lorasc_fast import triton_path
+from lorasc_fast import bench, triton_path
 
 CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM (round 5: around round 4's best)
     (16, 256, 4, 4, 8), (16, 256, 4, 4, 6), (16, 256, 4, 4, 12), (16, 256, 4, 3, 8),
@@ -22,30 +22,19 @@ CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM (round 5: around 
 CANDIDATES_R64 = [(16, 128, 4, 3, 6), (16, 128, 4, 3, 8), (16, 128, 4, 2, 6), (32, 128, 4, 2, 4)]
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
-
-
-def time_merge(Ws, A, B, cand, *, noise, stochastic, has_delta=True, aligned4=True):
+def time_merge(rot, A, B, cand, *, noise, stochastic, has_delta=True, aligned4=True):
     bm, bn, warps, stages, pps = cand
     orig = triton_path.merge_config
     triton_path.merge_config = lambda *a: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                                NUM_STAGES=stages)
-    state = {"i": 0}
-    N = Ws[0].shape[1]
 
     def run():
-        W = Ws[state["i"] % len(Ws)]
-        state["i"] += 1
-        triton_path.launch_merge(W, B, A, scale=2.0, noise=noise, seed=1234, row_offset=0,
-                                 rounding="stochastic" if stochastic else "nearest",
+        triton_path.launch_merge(rot.next(), B, A, scale=2.0, noise=noise, seed=1234,
+                                 row_offset=0, rounding="stochastic" if stochastic else "nearest",
                                  has_delta=has_delta, programs_per_sm=pps, aligned4=aligned4)
     try:
         run()
-        return triton.testing.do_bench(run, warmup=25, rep=80, return_mode="median")
+        return bench._median_ms(run, cuda=True)
     finally:
         triton_path.merge_config = orig
 
@@ -55,15 +44,16 @@ def main():
     p.add_argument("--out", default="bench/results/sweep.json")
     p.add_argument("--shape", default="8192x8192")
     args = p.parse_args()
-    bw = copy_bandwidth()
+    device = torch.device("cuda")
+    bw = bench.copy_bandwidth(device)
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     M, N = map(int, args.shape.split("x"))
-    Ws = [torch.randn(M, N, device="cuda").bfloat16() for _ in range(max(2, (256 << 20) // (M * N * 2)))]
+    rot = bench._Rotation((M, N), torch.bfloat16, device)
     rows = []
 
     def record(r, mode, cand, **kw):
         try:
-            ms = time_merge(Ws, A, B, cand, **kw)
+            ms = time_merge(rot, A, B, cand, **kw)
         except Exception as e:  # e.g. out of shared memory / registers
             print(f"r={r} {mode} {cand}: {type(e).__name__}", flush=True)
             return

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorasc_fast import triton_path
+from lorasc_fast import bench, triton_path
 from lorasc_fast.kernels.common import load_f32, store_rounded
 
 
@@ -36,12 +36,13 @@ def _calls(seed, g, ROUNDS: tl.constexpr):
 @triton.jit
 def _subtile(W, x, Y, rows64, row_ok, col0, N, stride_wm, stride_yk, k, R, words, scale,
              noise_scaled, HAS_DELTA: tl.constexpr, HAS_NOISE: tl.constexpr,
-             HALF: tl.constexpr, PRECISION: tl.constexpr, BQ: tl.constexpr):
+             HALF: tl.constexpr, PRECISION: tl.constexpr, BQ: tl.constexpr,
+             W_KIND: tl.constexpr):
     cols = col0 + tl.arange(0, BQ)
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
     ptrs = W + rows64[:, None] * stride_wm + cols[None, :]
-    v = load_f32(ptrs, mask, 2)
+    v = load_f32(ptrs, mask, W_KIND)
     if HAS_DELTA:
         y = tl.load(Y + k[:, None] * stride_yk + cols[None, :],
                     mask=(k[:, None] < R) & col_ok[None, :], other=0.0)
@@ -51,15 +52,15 @@ def _subtile(W, x, Y, rows64, row_ok, col0, N, stride_wm, stride_yk, k, R, words
             v = v + (words.to(tl.float32) - 32767.5) * noise_scaled
         else:
             v = v + ((words >> 16).to(tl.float32) - 32767.5) * noise_scaled
-    store_rounded(ptrs, v, mask, words, 2, False)
+    store_rounded(ptrs, v, mask, words, W_KIND, False)
 
 
 @triton.jit
 def split_kernel(W, X, Y, M, N, stride_wm, stride_xm, stride_yk, scale, noise_scaled, seed,
                  ROW_PROGRAMS, ITERS, R, R_PAD: tl.constexpr, HAS_DELTA: tl.constexpr,
                  HAS_NOISE: tl.constexpr, SPLIT: tl.constexpr, ROUNDS: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 NUM_STAGES: tl.constexpr):
+                 PRECISION: tl.constexpr, W_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     BQ: tl.constexpr = BLOCK_N // SPLIT
     HALF: tl.constexpr = SPLIT == 8
     col0 = tl.program_id(0) * BLOCK_N
@@ -74,30 +75,37 @@ def split_kernel(W, X, Y, M, N, stride_wm, stride_xm, stride_yk, scale, noise_sc
         c0, c1, c2, c3 = _calls(seed, g, ROUNDS)
         if HALF:
             _subtile(W, x, Y, rows64, row_ok, col0, N, stride_wm, stride_yk, k, R, c0 >> 16,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ)
+                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + BQ, N, stride_wm, stride_yk, k, R,
-                     c0 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ)
+                     c0 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
+                     PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + 2 * BQ, N, stride_wm, stride_yk, k, R,
-                     c1 >> 16, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ)
+                     c1 >> 16, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
+                     PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + 3 * BQ, N, stride_wm, stride_yk, k, R,
-                     c1 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ)
+                     c1 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
+                     PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + 4 * BQ, N, stride_wm, stride_yk, k, R,
-                     c2 >> 16, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ)
+                     c2 >> 16, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
+                     PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + 5 * BQ, N, stride_wm, stride_yk, k, R,
-                     c2 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ)
+                     c2 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
+                     PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + 6 * BQ, N, stride_wm, stride_yk, k, R,
-                     c3 >> 16, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ)
+                     c3 >> 16, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
+                     PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + 7 * BQ, N, stride_wm, stride_yk, k, R,
-                     c3 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ)
+                     c3 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
+                     PRECISION, BQ, W_KIND)
         else:
             _subtile(W, x, Y, rows64, row_ok, col0, N, stride_wm, stride_yk, k, R, c0,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ)
+                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + BQ, N, stride_wm, stride_yk, k, R, c1,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ)
+                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + 2 * BQ, N, stride_wm, stride_yk, k, R, c2,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ)
+                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ, W_KIND)
             _subtile(W, x, Y, rows64, row_ok, col0 + 3 * BQ, N, stride_wm, stride_yk, k, R, c3,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ)
+                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ, W_KIND)
 
 
 def launch_split(W, X, Y, *, noise, has_delta, split, rounds=10, precision="tf32x3",
@@ -112,7 +120,8 @@ def launch_split(W, X, Y, *, noise, has_delta, split, rounds=10, precision="tf32
         triton_path.storage(W), X, Y, M, N, W.stride(0), X.stride(0), Y.stride(0), 2.0,
         noise * 2.0 ** -16, 1234, row_programs, -(-row_blocks // row_programs), R,
         R_PAD=max(16, triton.next_power_of_2(R)), HAS_DELTA=has_delta, HAS_NOISE=noise != 0.0,
-        SPLIT=split, ROUNDS=rounds, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+        SPLIT=split, ROUNDS=rounds, PRECISION=precision, W_KIND=triton_path.STORAGE_KIND[W.dtype],
+        BLOCK_M=block_m, BLOCK_N=block_n,
         NUM_STAGES=stages, num_warps=warps)
 
 
@@ -122,20 +131,16 @@ def main():
     p.add_argument("--shape", default="8192x8192")
     p.add_argument("--r", type=int, default=16)
     args = p.parse_args()
-    from sweep_merge import copy_bandwidth
-    bw = copy_bandwidth()
+    device = torch.device("cuda")
+    bw = bench.copy_bandwidth(device)
     M, N = map(int, args.shape.split("x"))
-    Ws = [torch.randn(M, N, device="cuda").bfloat16() for _ in range(max(2, (256 << 20) // (M * N * 2)))]
+    rot = bench._Rotation((M, N), torch.bfloat16, device)
     A = torch.randn(args.r, N, device="cuda") * 0.01
     B = torch.randn(M, args.r, device="cuda") * 0.01
-    state = {"i": 0}
 
     def timed(fn):
-        def run():
-            fn(Ws[state["i"] % len(Ws)])
-            state["i"] += 1
-        run()
-        ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        fn(rot.next())
+        ms = bench._median_ms(lambda: fn(rot.next()), cuda=True)
         return ms * 1e3, 4 * M * N / (ms * 1e-3) / bw
 
     rows = []

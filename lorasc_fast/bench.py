@@ -237,7 +237,7 @@ def bench_ema(device, bw):
     return [dict(variant=k, ms=_median_ms(fn, cuda), floor_ms=floor) for k, fn in variants.items()]
 
 
-def model_layers(kind: str, device):
+def model_layers(kind: str):
     """(out, in, r) of every adapted module: 'llama2-7b-qv' or 'llama3-8b-all'."""
     if kind == "llama2-7b-qv":
         return [(4096, 4096, 8)] * 64
@@ -249,7 +249,7 @@ def model_layers(kind: str, device):
 def bench_model(kind: str, device, bw):
     cuda = device.type == "cuda"
     layers = []
-    for n, (o, i, r) in enumerate(model_layers(kind, device)):
+    for n, (o, i, r) in enumerate(model_layers(kind)):
         W = torch.randn(o, i, device=device, dtype=torch.bfloat16)
         t = [torch.randn(r, i, device=device) * 0.01, torch.randn(o, r, device=device) * 0.01]
         layers.append(CascadeLayer(W, t[0], t[1], t[0].clone(), t[1].clone(), scale=2.0, seed=n))
@@ -265,8 +265,9 @@ def bench_model(kind: str, device, bw):
         plan.launch(1.0, 1.0, seeds)
         plan.flag.item()
     ms = _median_ms(planned, cuda)
+    modules = len(layers)
     del layers, plan
-    return dict(model=kind, modules=len(model_layers(kind, device)), weight_gib=wbytes / 2**30,
+    return dict(model=kind, modules=modules, weight_gib=wbytes / 2**30,
                 ms=ms, ms_one_call=ms_call, floor_ms=floor, bw_frac=floor / ms,
                 bw_frac_one_call=floor / ms_call, extra_mib=None if extra is None else extra / 2**20)
 
