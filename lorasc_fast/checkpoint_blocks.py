@@ -39,7 +39,7 @@ def row_blocks(plan: TensorPlan, block_bytes: int) -> Iterator[tuple[int, int]]:
     block size and an fp32 merge equals PEFT's bit for bit."""
     rows = plan.info.rows
     if plan.bias_of is not None:  # one block: the op's stream index runs over the whole vector
-        step = rows
+        step = max(1, rows)
     else:
         row_numel = plan.info.numel // rows if rows else 0
         step = max(8, block_bytes // max(1, 4 * row_numel) // 8 * 8)
@@ -51,7 +51,8 @@ def source_rows(plan: TensorPlan, f: BinaryIO | None, header: Header, i0: int, i
     """Rows of the tensor PEFT would hold after loading the adapter: the base's, or the
     adapter's full replacement cast to the base dtype."""
     if plan.replace is not None:
-        return plan.replace[i0:i1].to(plan.info.torch_dtype, copy=True)
+        rows = plan.replace[i0:i1] if plan.info.shape else plan.replace  # a scalar: one block
+        return rows.to(plan.info.torch_dtype, copy=True)
     return read_rows(f, header, plan.info, i0, i1)
 
 

@@ -538,3 +538,23 @@ def test_single_file_output_loads_with_safetensors(tmp_path, gen):
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
     assert model.model.layers[0].self_attn.q_proj.weight.dtype in (torch.float16, torch.float32)
+
+
+def test_scalar_replacement_and_empty_tensors(tmp_path, gen):
+    """A 0-d tensor replaced from the adapter (a modules_to_save scalar) and zero-length
+    tensors pass through the row-block writer."""
+    base = tmp_path / "base"
+    base.mkdir()
+    W = torch.randn(OUT_F, IN_F, generator=gen)
+    save_file({"model.layers.0.proj.weight": W, "model.layers.0.gate": torch.tensor(0.5),
+               "model.empty": torch.empty(0, 3)}, base / "model.safetensors")
+    a, b = torch.randn(R, IN_F, generator=gen), torch.randn(OUT_F, R, generator=gen)
+    write_adapter(tmp_path / "adapter", gen, tensors={
+        f"{PFX}model.layers.0.proj.lora_A.weight": a, f"{PFX}model.layers.0.proj.lora_B.weight": b,
+        f"{PFX}model.layers.0.gate": torch.tensor(2.0)})
+    merge(base, tmp_path / "adapter", tmp_path / "out")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert out["model.layers.0.gate"].dim() == 0 and out["model.layers.0.gate"].item() == 2.0
+    assert out["model.empty"].shape == (0, 3)
+    assert_same_merge(out["model.layers.0.proj.weight"], expected_merge(W, a, b, 2.0),
+                      "model.layers.0.proj.weight")
