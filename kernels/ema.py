@@ -3,7 +3,7 @@
 The caller passes tables of the tensors' addresses (int64) and a block table mapping
 each program to (tensor index, first element), so any number of factor pairs of one
 (slow dtype, fast dtype) combination is updated by a single launch. Math in fp32,
-rounded to nearest-even into slow's dtype (bf16 handled as int16 bits).
+rounded to nearest-even into slow's dtype (storage kinds as in ``common``).
 
 ``CHECK`` is the op's non-finite pre-pass over the fast tensors: it writes nothing but the
 flag at ``SKIP`` (set to 1 on NaN or Inf), which the write pass queued after it reads, so

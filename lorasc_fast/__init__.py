@@ -1,9 +1,9 @@
 """lorasc-fast: LoRA Slow Cascade learning with fused Triton kernels for PyTorch + PEFT.
 
-The fused in-place ops (``merge_``, ``add_noise_``, ``ema_``, ``cascade_merge_``,
-``lowrank_moments``) are imported eagerly; the training-side API (``LoRASC``,
-``cascade_schedule``, ``LoRASCCallback``, ``patch_peft``) is imported on first use so that
-``import lorasc_fast`` does not pull in transformers.
+The fused ops (``merge_``, ``add_noise_``, ``ema_``, ``cascade_merge_``, ``lowrank_moments``,
+``stream_words``) are imported eagerly; the rest (``LoRASC``, ``cascade_schedule``,
+``LoRASCCallback``, ``patch_peft``, the DoRA ops, ``cascade_merge_many_``) on first use, so
+that ``import lorasc_fast`` does not pull in transformers.
 """
 from .ops import add_noise_, cascade_merge_, ema_, lowrank_moments, merge_, stream_words
 

@@ -8,7 +8,10 @@ Per layer (base ``W``, PEFT ``scaling[adapter]`` = s, fast ``A_f = lora_A.weight
 3. ``W += noise_lambda * std(s * B_s @ A_s) * (U - 1/2)`` (inside the norm for DoRA);
 4. ``A_f`` re-drawn with PEFT's init, ``B_f = 0``, their optimizer state dropped.
 
-Steps 1-3 are ``lorasc_fast.cascade_merge_`` (``ema_`` + ``dora_merge_`` for DoRA). At
+Steps 1-3 run for all plain layers in one ``cascade_merge_many_`` (grouped launches on CUDA,
+its plan kept across boundaries), for DoRA and row-sharded layers through
+``distributed.cascade_merge_`` (EMA into temporaries, std checked, then ``merge_`` or
+``dora_merge_``). At
 construction, a non-zero initial slow product (e.g. ``init_lora_weights=False`` or PiSSA-like
 inits) gets Algorithm 1's step-0 noise ``add_noise_(W, noise_lambda * std(s * B_s @ A_s))``.
 
@@ -46,6 +49,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from . import validation as v
 from .batched import CascadeLayer, cascade_merge_many_, plan_for
 
 __all__ = ["LoRASC", "stream_seed", "NOISE", "INIT"]
@@ -54,7 +58,6 @@ NOISE = 0  # purpose: Philox key of merge noise / stochastic rounding
 INIT = 1  # purpose: torch.Generator seed of the fast re-initialisation
 _MASK64 = (1 << 64) - 1
 _STATE_VERSION = 1
-_ROUNDINGS = ("nearest", "stochastic")
 
 
 def stream_seed(seed: int, boundary: int, layer: int, purpose: int) -> int:
@@ -99,12 +102,12 @@ def _check_config(alpha, noise_lambda, seed, rounding, every):
         raise ValueError(f"noise_lambda must be a finite float >= 0, got {noise_lambda!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MASK64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    if rounding not in _ROUNDINGS:
-        raise ValueError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
+    if rounding not in v.ROUNDINGS:
+        raise ValueError(f"rounding must be one of {v.ROUNDINGS}, got {rounding!r}")
     return float(alpha), float(noise_lambda), seed, rounding, _check_every(every)
 
 
-def _find_adapter(model: nn.Module, lora_layers) -> str:
+def _find_adapter(lora_layers) -> str:
     active = set()
     for m in lora_layers:
         active.update(m.active_adapters)
@@ -167,7 +170,8 @@ class LoRASC:
     ``std(s * B_s @ A_s)``; ``seed``: root of every random stream (see the module docs);
     ``rounding``: ``"stochastic"`` for bf16/fp16 base weights; ``adapter_name``: the adapter to
     cascade (default: the single active one); ``every``: ``"epoch"`` or a number of optimizer
-    steps, used by :meth:`on_epoch_end` / :meth:`on_optimizer_step` (and ``LoRASCCallback``);
+    steps, used by :meth:`on_epoch_end` / :meth:`on_optimizer_step` (``LoRASCCallback`` keeps
+    its own step count and calls :meth:`step`);
     ``init_noise=False`` skips the construction noise (only for a controller that is about to
     :meth:`load_state_dict` onto already-restored base weights); ``backend`` is passed to the ops.
 
@@ -185,7 +189,7 @@ class LoRASC:
         candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
         if not candidates:
             raise ValueError("model has no PEFT LoRA layers (wrap it with peft.get_peft_model first)")
-        self.adapter_name = adapter_name or _find_adapter(model, [m for _, m in candidates])
+        self.adapter_name = adapter_name or _find_adapter([m for _, m in candidates])
         named = [(n, m) for n, m in candidates
                  if self.adapter_name in m.lora_A or self.adapter_name in m.lora_embedding_A]
         if not named:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .checkpoint_errors import MergeError
-from .checkpoint_safetensors import Header, TensorInfo, load_json, read_header
+from .checkpoint_safetensors import Header, load_json, read_header
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -33,11 +33,8 @@ class BaseCheckpoint:
     other_files: list[str]
     skipped: list[str]
 
-    def info(self, name: str) -> TensorInfo:
-        return self.shards[self.weight_map[name]].tensors[name]
 
-
-def _check_shard_name(name) -> str:
+def _check_shard_name(name) -> None:
     """An index entry must be a relative POSIX path inside BASE naming a .safetensors file."""
     if not isinstance(name, str) or not name:
         raise MergeError(f"index entry {name!r} is not a file name")
@@ -49,7 +46,6 @@ def _check_shard_name(name) -> str:
         raise MergeError(f"index entry {name!r} leaves BASE ('..' or '.' component)")
     if p.suffix != ".safetensors":
         raise MergeError(f"index entry {name!r} is not a .safetensors file")
-    return name
 
 
 def _weight_files(root: Path) -> tuple[dict | None, dict[str, str] | None]:
@@ -64,7 +60,7 @@ def _weight_files(root: Path) -> tuple[dict | None, dict[str, str] | None]:
             raise MergeError(f"{root / INDEX}: no 'weight_map' object")
         if not isinstance(index.get("metadata", {}), dict):
             raise MergeError(f"{root / INDEX}: 'metadata' is not an object")
-        for tensor, shard in wm.items():
+        for shard in wm.values():
             _check_shard_name(shard)
         return index, dict(wm)
     if has_single:

@@ -40,8 +40,8 @@ from .checkpoint_blocks import dora_norm, output_blocks
 from .checkpoint_errors import MergeError
 from .checkpoint_plan import OUT_DTYPES, TensorPlan, plan_merge
 from .checkpoint_safetensors import Writer
+from .validation import ROUNDINGS
 
-ROUNDINGS = ("nearest", "stochastic")
 RECORD_PREFIX = "lorasc_merge."
 
 

@@ -118,9 +118,7 @@ def read_header(path: Path) -> Header:
         raise MergeError(f"{path}: cannot read ({e})") from None
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
-    except MergeError as e:
-        raise MergeError(f"{path}: bad safetensors header ({e})") from None
-    except ValueError as e:
+    except ValueError as e:  # MergeError (duplicate keys) included
         raise MergeError(f"{path}: bad safetensors header ({e})") from None
     if not isinstance(doc, dict):
         raise MergeError(f"{path}: bad safetensors header (not a JSON object)")

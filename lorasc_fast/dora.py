@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference, stream, torch_path, triton_path
+from . import ops, reference, stream, torch_path, triton_path
 from . import validation as v
 
 __all__ = ["dora_merge_", "dora_weight_norm", "dora_unmerge_"]
@@ -150,7 +150,7 @@ def _launch(W, A, B, *, scale, noise, seed, row_offset, rounding, fan_in_fan_out
         out_f, in_f, s_wm, s_wn, B.stride(0), B.stride(1), A.stride(0), A.stride(1),
         mag.stride(0) if magnitude is not None else 0,
         float(scale), float(noise) * 2.0 ** -16, int(seed), int(row_offset),
-        R=R, R_PAD=max(16, 1 << (R - 1).bit_length()), POST=post_mode,
+        R=R, R_PAD=triton_path._pow2_at_least(R, 16), POST=post_mode,
         HAS_DIV=div is not None, WRITE_NORM=norm_out is not None, WRITE_W=write,
         HAS_NOISE=noise != 0.0, STOCHASTIC=rounding == "stochastic" and W.dtype != torch.float32,
         TRANSPOSED=fan_in_fan_out, ALIGNED4=aligned4, W_KIND=triton_path.STORAGE_KIND[W.dtype],
@@ -176,15 +176,8 @@ def _check_vector(name, t, n):
 def _validate(W, A, B, *, rounding="nearest", seed=0, row_offset=0, fan_in_fan_out=False,
               scale=1.0, noise=0.0, backend=None, **vectors):
     """All checks of the DoRA ops; returns (backend, scale, noise). Writes nothing."""
-    v.check_weight(W)
-    v.check_rounding(rounding)
-    v.check_index("seed", seed, v.SEED_LIMIT)
-    v.check_index("row_offset", row_offset)
-    backend = v.resolve_backend(backend, W.device)
-    v.check_factor("A", A)
-    v.check_factor("B", B)
-    v.check_pair_shapes(A, B)
-    v.check_merge_shapes(W, A, B, fan_in_fan_out)
+    backend = ops._check_common(W, rounding, seed, row_offset, backend)
+    ops._check_factors(W, A, B, fan_in_fan_out)
     vectors = {name: t for name, t in vectors.items() if t is not None}
     for name, t in vectors.items():
         _check_vector(name, t, B.shape[0])

@@ -122,7 +122,8 @@ def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: floa
 
     On CUDA two launches per (slow dtype, fast dtype) combination cover all pairs: the
     non-finite check of the fast tensors, then the update (which writes nothing if the check
-    failed); their address tables are cached per set of tensors. One host sync per call.
+    failed); their address tables are cached per set of tensors. One host sync per call (a
+    second one when some pairs are strided: those are checked on the host first).
     """
     slow, fast = list(slow), list(fast)
     v.check_sequences(slow, fast)

@@ -3,9 +3,10 @@
 W is updated in row chunks: the chunk's low-rank product ``(X @ Y) * scale`` (PEFT's
 order of operations, so an fp32 merge equals PEFT's bit for bit) is added in place; a
 bf16/fp16 W is widened one chunk at a time. Noise words come from
-``lorasc_fast.stream`` for the chunk only. A chunk holds at most ``max_chunk_elems``
-elements and its widest temporary (int64 words) is at most 1/8 of ``W.nbytes``, so
-no temporary approaches the size of W. Results follow the same arithmetic contract as
+``lorasc_fast.stream`` for the chunk only. A chunk is a multiple of 8 rows, at most
+``MAX_CHUNK_ELEMS`` elements (``MAX_CHUNK_ELEMS_PLAIN`` without random words), and its widest
+temporary (int64 words, or the fp32 delta) at most 1/8 of ``W.nbytes`` unless the 8-row
+minimum is larger, so no temporary approaches the size of a W of more than 64 rows. Results follow the same arithmetic contract as
 ``lorasc_fast.reference`` (fp32 math, one rounding to W's dtype; same random stream).
 """
 from __future__ import annotations
@@ -79,8 +80,8 @@ def add_noise_(W, noise, *, seed, row_offset, rounding):
 
 
 def _ema_value(s, f, alpha):
-    """``alpha * s + (1 - alpha) * f`` in fp32 as ``torch.lerp`` forms it (the same values
-    ``ema_`` stores, so the moments taken on the fly match the stored slow factors)."""
+    """``alpha * s + (1 - alpha) * f`` in fp32 as ``torch.lerp`` forms it: the values ``ema_``
+    computes (and stores, for fp32 slow factors), so the moments taken on the fly match."""
     return torch.lerp(s.float(), f.float(), 1.0 - alpha)
 
 
