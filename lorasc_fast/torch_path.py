@@ -4,9 +4,9 @@ W is updated in row chunks: the chunk's low-rank product ``(X @ Y) * scale`` (PE
 order of operations, so an fp32 merge equals PEFT's bit for bit) is added in place; a
 bf16/fp16 W is widened one chunk at a time. Noise words come from
 ``lorasc_fast.stream`` for the chunk only. A chunk is a multiple of 8 rows, at most
-``MAX_CHUNK_ELEMS`` elements (``MAX_CHUNK_ELEMS_PLAIN`` without random words), and its widest
-temporary (int64 words, or the fp32 delta) at most 1/8 of ``W.nbytes`` unless the 8-row
-minimum is larger, so no temporary approaches the size of a W of more than 64 rows. Results follow the same arithmetic contract as
+``MAX_CHUNK_ELEMS`` elements (``MAX_CHUNK_ELEMS_PLAIN`` without random words), and all its
+temporaries together take at most 1/8 of ``W.nbytes`` unless the 8-row minimum is larger
+(``tests/test_memory.py`` measures the peak). Results follow the same arithmetic contract as
 ``lorasc_fast.reference`` (fp32 math, one rounding to W's dtype; same random stream).
 """
 from __future__ import annotations
@@ -18,17 +18,23 @@ import torch
 from . import stream
 from .reference import round_fp32
 
-MAX_CHUNK_ELEMS = 1 << 16  # with random words: ~10 int64 Philox temporaries per group
-MAX_CHUNK_ELEMS_PLAIN = 1 << 18  # a plain merge: one fp32 delta
+MAX_CHUNK_ELEMS = 1 << 16  # with random words
+MAX_CHUNK_ELEMS_PLAIN = 1 << 18  # a plain merge
+# bytes of temporaries alive at once per chunk element (peak RSS, bf16 W, 4096 columns): the
+# torch Philox rounds in int64, the words, the rounding fractions and the fp32 values take
+# ~100; a plain merge the fp32 delta and the widened chunk, ~10
+TEMP_BYTES_WORDS = 128
+TEMP_BYTES_PLAIN = 12
 
 
 def chunk_rows(W: torch.Tensor, words: bool = True) -> int:
-    """Rows per chunk: the widest temporary of one chunk (int64 words, or the fp32 delta of a
-    plain merge) stays within W.nbytes / 8, and a chunk is a multiple of 8 rows (at least
-    8), which keeps BLAS on the same micro-kernel grouping as one product over all rows:
-    chunked results equal PEFT's unchunked ``(B @ A) * s`` bit for bit."""
+    """Rows per chunk: one chunk's temporaries together stay within W.nbytes / 8, and a chunk
+    is a multiple of 8 rows (at least 8), which keeps BLAS on the same micro-kernel grouping
+    as one product over all rows: chunked results equal PEFT's unchunked ``(B @ A) * s`` bit
+    for bit."""
     cols = max(1, W.shape[1])
-    temp_bytes, cap = (8, MAX_CHUNK_ELEMS) if words else (4, MAX_CHUNK_ELEMS_PLAIN)
+    temp_bytes, cap = (TEMP_BYTES_WORDS, MAX_CHUNK_ELEMS) if words else \
+        (TEMP_BYTES_PLAIN, MAX_CHUNK_ELEMS_PLAIN)
     budget = min(cap, W.numel() * W.element_size() // 8 // temp_bytes)
     return max(8, budget // cols // 8 * 8)
 

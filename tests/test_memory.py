@@ -13,10 +13,11 @@ PROBE = textwrap.dedent("""
     torch.set_num_threads(1)
     dtype = getattr(torch, sys.argv[1])
     rounding = sys.argv[2]
-    W = torch.randn(4096, 4096).to(dtype)
+    W = torch.randn(4096, 4096, dtype=dtype)  # no fp32 staging copy to raise the peak early
     A, B = torch.randn(16, 4096), torch.randn(4096, 16)
     lf.merge_(torch.randn(64, 4096).to(dtype), A, B[:64], noise=0.1)  # warm-up
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    lf.merge_(W, A, B, scale=2.0, backend="torch")  # a plain merge: the fp32 delta chunks
     lf.merge_(W, A, B, scale=2.0, noise=0.1, seed=1, rounding=rounding, backend="torch")
     lf.cascade_merge_(W, A.clone(), B.clone(), A, B, alpha=0.8, noise_lambda=1.0, backend="torch")
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
