@@ -1,7 +1,7 @@
 """Every backend of every op against the fp64 reference, on fresh random inputs.
 
-The Triton backend runs the real kernels under TRITON_INTERPRET=1 here (and compiled on
-the GPU when LORASC_TEST_GPU=1 moves these tests to CUDA tensors, see test_gpu.py).
+The Triton backend runs the real kernels under TRITON_INTERPRET=1 here, on CPU tensors;
+their compiled GPU counterparts are in test_gpu.py (LORASC_TEST_GPU=1 on a CUDA machine).
 """
 import pytest
 import torch
