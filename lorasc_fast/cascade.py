@@ -86,6 +86,17 @@ def _dora_variant_class():
     return DoraLinearVariant
 
 
+def _to_cpu(flags) -> torch.Tensor:
+    """0-d device bools as one CPU vector, in order: one transfer (and sync) per device."""
+    out = torch.empty(len(flags), dtype=torch.bool)
+    by_device: dict = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    for idx in by_device.values():
+        out[idx] = torch.stack([flags[i] for i in idx]).cpu()
+    return out
+
+
 def _check_every(every):
     if every == "epoch":
         return every
@@ -241,7 +252,7 @@ class LoRASC:
         for layer in self.layers:
             self._sync_shard(layer)
         fast = [distributed.local(p) for p in self.fast_parameters()]
-        finite = torch.stack([torch.isfinite(p).all().cpu() for p in fast])  # one sync per device
+        finite = _to_cpu([torch.isfinite(p).all() for p in fast])
         finite = distributed.all_true(finite, [layer.shard for layer in self.layers])
         if not finite.all():
             bad = int((~finite).nonzero()[0])
@@ -344,8 +355,8 @@ class LoRASC:
         trained since the last boundary (every fast ``B`` still exactly zero), there is no new
         expert and only ``B_f = 0`` / the finished flag are set."""
         self._prepare()
-        untouched = self.boundaries > 0 and bool(distributed.all_true(torch.stack([
-            ~distributed.local(_params_of(layer, self.adapter_name)[1]).any().cpu()
+        untouched = self.boundaries > 0 and bool(distributed.all_true(_to_cpu([
+            ~distributed.local(_params_of(layer, self.adapter_name)[1]).any()
             for layer in self.layers]), [layer.shard for layer in self.layers]).all())
         boundary = self.boundaries + 1
         with torch.no_grad():
