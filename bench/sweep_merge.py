@@ -15,11 +15,13 @@ import triton
 
 from lorasc_fast import bench, triton_path
 
-CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM (round 5: around round 4's best)
-    (16, 256, 4, 4, 8), (16, 256, 4, 4, 6), (16, 256, 4, 4, 12), (16, 256, 4, 3, 8),
-    (16, 512, 8, 2, 4), (16, 128, 4, 4, 12),
+CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM (round 7: 64-row tiles, wgmma)
+    (16, 256, 4, 4, 8), (32, 256, 4, 3, 4), (64, 128, 4, 3, 2), (64, 128, 8, 3, 2),
+    (64, 256, 8, 3, 1), (128, 128, 8, 3, 1),
 ]
-CANDIDATES_R64 = [(16, 128, 4, 3, 6), (16, 128, 4, 3, 8), (16, 128, 4, 2, 6), (32, 128, 4, 2, 4)]
+CANDIDATES_R64 = [  # round 8: around round 7's best, (64, 64, 4, 3, 3)
+    (64, 64, 4, 3, 3), (64, 64, 4, 4, 3), (64, 64, 4, 2, 4), (64, 64, 8, 3, 2),
+    (128, 64, 4, 3, 2), (128, 64, 8, 3, 1), (32, 64, 4, 3, 6), (16, 128, 4, 3, 6)]
 
 
 def time_merge(rot, A, B, cand, *, noise, stochastic, has_delta=True, aligned4=True):
@@ -39,10 +41,29 @@ def time_merge(rot, A, B, cand, *, noise, stochastic, has_delta=True, aligned4=T
         triton_path.merge_config = orig
 
 
+def where_the_time_goes(record, M, N):
+    """At the default tile: noise alone, the masked walk (what EVEN saves), and one Philox
+    call per element (4x the generator's work)."""
+    cand = CANDIDATES[0]
+    A = torch.randn(16, N, device="cuda")
+    B = torch.randn(M, 16, device="cuda")
+    record(A, B, 16, "noise-only", cand, noise=0.1, stochastic=False, has_delta=False)
+    walk = triton_path.walk
+    triton_path.walk = lambda *a: (*walk(*a)[:2], False)
+    record(A, B, 16, "merge/masked", cand, noise=0.0, stochastic=False)
+    record(A, B, 16, "noise/masked", cand, noise=0.1, stochastic=False)
+    triton_path.walk = walk
+    record(A, B, 16, "noise/per-elem", cand, noise=0.1, stochastic=False, aligned4=False)
+    record(A, B, 16, "noise-only/per-elem", cand, noise=0.1, stochastic=False, has_delta=False,
+           aligned4=False)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results/sweep.json")
     p.add_argument("--shape", default="8192x8192")
+    p.add_argument("--ranks", default="16,64", help="comma-separated ranks to sweep")
+    p.add_argument("--no-extras", action="store_true", help="skip the where-the-time-goes rows")
     args = p.parse_args()
     device = torch.device("cuda")
     bw = bench.copy_bandwidth(device)
@@ -51,7 +72,7 @@ def main():
     rot = bench._Rotation((M, N), torch.bfloat16, device)
     rows = []
 
-    def record(r, mode, cand, **kw):
+    def record(A, B, r, mode, cand, **kw):
         try:
             ms = time_merge(rot, A, B, cand, **kw)
         except Exception as e:  # e.g. out of shared memory / registers
@@ -64,24 +85,14 @@ def main():
     modes = (("merge", dict(noise=0.0, stochastic=False)),
              ("noise", dict(noise=0.1, stochastic=False)),
              ("noise+sr", dict(noise=0.1, stochastic=True)))
-    for r in (16, 64):
+    for r in map(int, args.ranks.split(",")):
         A = torch.randn(r, N, device="cuda")
         B = torch.randn(M, r, device="cuda")
         for mode, kw in modes:
             for cand in CANDIDATES if r == 16 else CANDIDATES_R64:
-                record(r, mode, cand, **kw)
-    # where the time goes, at the default tile: noise alone, and 4x the Philox work
-    cand = CANDIDATES[0]
-    A = torch.randn(16, N, device="cuda")
-    B = torch.randn(M, 16, device="cuda")
-    record(16, "noise-only", cand, noise=0.1, stochastic=False, has_delta=False)
-    walk = triton_path.walk  # the masked walk on the same shape: what EVEN saves
-    triton_path.walk = lambda *a: (*walk(*a)[:2], False)
-    record(16, "merge/masked", cand, noise=0.0, stochastic=False)
-    record(16, "noise/masked", cand, noise=0.1, stochastic=False)
-    triton_path.walk = walk
-    record(16, "noise/per-elem", cand, noise=0.1, stochastic=False, aligned4=False)
-    record(16, "noise-only/per-elem", cand, noise=0.1, stochastic=False, has_delta=False, aligned4=False)
+                record(A, B, r, mode, cand, **kw)
+    if not args.no_extras:
+        where_the_time_goes(record, M, N)
     best = {}
     for row in rows:
         key = (row["r"], row["mode"])
