@@ -5,8 +5,10 @@ With ``M = s B A`` (B: out x r, A: r x in, N = out * in elements):
 
 ``gram_partial_kernel``: program p reduces a chunk of A's columns (first SPLIT_A
 programs) or of B's rows (the rest) into a partial Gram (R_PAD x R_PAD) and a partial
-sum vector (R_PAD), written to a small fp32 workspace. With ``EMA`` the factors are
-taken as ``alpha * slow + (1 - alpha) * fast`` on the fly (nothing is written).
+sum vector (R_PAD), written to a small fp32 workspace. The Gram products run on the
+tensor cores in 3xTF32 (each product accurate to ~2**-22 relative, accumulated in fp32).
+With ``EMA`` the factors are taken as ``alpha * slow + (1 - alpha) * fast`` on the fly
+(nothing is written).
 ``moments_finalize_kernel`` (one program) adds the partials in fp64 and writes
 ``[mean, std]`` (unbiased std) as fp32.
 
@@ -55,7 +57,7 @@ def gram_part(
             t = _factor_tile(A_s, A_f, jj * stride_aj + k[None, :] * stride_ak,
                              jj * stride_afj + k[None, :] * stride_afk, mask, alpha,
                              EMA, A_KIND, AF_KIND)
-            gram += tl.dot(tl.trans(t), t, input_precision="ieee")
+            gram += tl.dot(tl.trans(t), t, input_precision="tf32x3")
             sums += tl.sum(t, axis=0)
     else:
         start = (part - SPLIT_A) * CHUNK_B
@@ -67,7 +69,7 @@ def gram_part(
             t = _factor_tile(B_s, B_f, ii * stride_bi + k[None, :] * stride_bk,
                              ii * stride_bfi + k[None, :] * stride_bfk, mask, alpha,
                              EMA, B_KIND, BF_KIND)
-            gram += tl.dot(tl.trans(t), t, input_precision="ieee")
+            gram += tl.dot(tl.trans(t), t, input_precision="tf32x3")
             sums += tl.sum(t, axis=0)
     base = WS + part * (R_PAD * R_PAD + R_PAD)
     tl.store(base + k[:, None] * R_PAD + k[None, :], gram)
@@ -90,25 +92,36 @@ def gram_partial_kernel(
 
 
 @triton.jit
+def _sum_parts(WS, first, stop, R_PAD: tl.constexpr):
+    """fp64 sums of partials ``first .. stop - 1``: the flattened Gram and the sum vector.
+
+    Loads ``PB`` partials per step as one [PB, R_PAD**2] tile (about 4096 values), so the
+    loop takes ``parts / PB`` dependent loads instead of one per partial."""
+    PB: tl.constexpr = (4096 + R_PAD * R_PAD - 1) // (R_PAD * R_PAD)
+    STRIDE: tl.constexpr = R_PAD * R_PAD + R_PAD
+    e = tl.arange(0, R_PAD * R_PAD)
+    k = tl.arange(0, R_PAD)
+    gram = tl.zeros((R_PAD * R_PAD,), dtype=tl.float64)
+    sums = tl.zeros((R_PAD,), dtype=tl.float64)
+    for p0 in range(first, stop, PB):
+        p = p0 + tl.arange(0, PB)
+        ok = (p < stop)[:, None]
+        base = WS + p.to(tl.int64)[:, None] * STRIDE
+        gram += tl.sum(tl.load(base + e[None, :], mask=ok, other=0.0).to(tl.float64), axis=0)
+        sums += tl.sum(tl.load(base + R_PAD * R_PAD + k[None, :], mask=ok,
+                               other=0.0).to(tl.float64), axis=0)
+    return gram, sums
+
+
+@triton.jit
 def moments_from_parts(WS, SPLIT_A, SPLIT_B, numel, scale, R_PAD: tl.constexpr):
     """``(mean, std)`` in fp64 from the partial Grams and sums (NaN and Inf propagate)."""
-    k = tl.arange(0, R_PAD)
-    g_idx = k[:, None] * R_PAD + k[None, :]
-    STRIDE: tl.constexpr = R_PAD * R_PAD + R_PAD
-    ga = tl.zeros((R_PAD, R_PAD), dtype=tl.float64)
-    sa = tl.zeros((R_PAD,), dtype=tl.float64)
-    for p in range(0, SPLIT_A):
-        ga += tl.load(WS + p * STRIDE + g_idx).to(tl.float64)
-        sa += tl.load(WS + p * STRIDE + R_PAD * R_PAD + k).to(tl.float64)
-    gb = tl.zeros((R_PAD, R_PAD), dtype=tl.float64)
-    sb = tl.zeros((R_PAD,), dtype=tl.float64)
-    for p in range(SPLIT_A, SPLIT_A + SPLIT_B):
-        gb += tl.load(WS + p * STRIDE + g_idx).to(tl.float64)
-        sb += tl.load(WS + p * STRIDE + R_PAD * R_PAD + k).to(tl.float64)
+    ga, sa = _sum_parts(WS, 0, SPLIT_A, R_PAD)
+    gb, sb = _sum_parts(WS, SPLIT_A, SPLIT_A + SPLIT_B, R_PAD)
     s = tl.cast(scale, tl.float64)
     n = tl.cast(numel, tl.float64)
     total = tl.sum(sa * sb, axis=0) * s
-    sumsq = tl.sum(tl.sum(ga * gb, axis=1), axis=0) * s * s
+    sumsq = tl.sum(ga * gb, axis=0) * s * s
     mean = total / n
     var = sumsq - total * mean
     var = tl.where(var != var, var, tl.maximum(var, 0.0)) / tl.maximum(n - 1.0, 1.0)  # keep NaN

@@ -85,8 +85,9 @@ def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=128, programs_per_sm=8)
     if R <= 32:
         return dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, NUM_STAGES=4, programs_per_sm=8)
-    # r > 32: the hoisted A panel and its 3xTF32 split take most of shared memory
-    return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, NUM_STAGES=3, programs_per_sm=6)
+    # r > 32: the product's 3xTF32 work grows with r; 64 x 64 tiles (round 7: r = 64 merge
+    # 180 -> 129 us, + noise 271 -> 217 us against 16 x 128) keep the A panel small
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, programs_per_sm=3)
 
 
 def walk(M: int, N: int, block_m: int, block_n: int, programs: int) -> tuple[int, int, bool]:
@@ -145,14 +146,19 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
     )
 
 
-MOMENT_CHUNK = {"cuda": 2048, "cpu": 4096}  # rows per Gram partial (bench/sweep_moments.py)
+MOMENT_CHUNK = {"cuda": 256, "cpu": 4096}  # rows per Gram partial (bench/sweep_moments.py)
+MOMENT_PARTS = 64  # at most this many partials per factor (longer chunks beyond that)
 
 
 def moment_splits(IN: int, OUT: int, max_parts: int, device: torch.device) -> tuple[int, int]:
-    """How many programs reduce A's columns and B's rows for the Grams (at most ``max_parts``
-    each): chunks of ``MOMENT_CHUNK`` rows (fewer, longer ones in the interpreter)."""
+    """How many programs reduce A's columns and B's rows for the Grams: chunks of
+    ``MOMENT_CHUNK`` rows (fewer, longer ones in the interpreter), at most
+    ``min(max_parts, MOMENT_PARTS)`` per factor. On the H200 (``bench/sweep_moments.py``)
+    256-row chunks took 8192 x 8192, r = 16 from 45 us (2048) to 14 us; past ~64 partials
+    the one-program fp64 finalize costs more than the shorter chunks save."""
     chunk = MOMENT_CHUNK["cuda" if device.type == "cuda" else "cpu"]
-    return (max(1, min(max_parts, -(-IN // chunk))), max(1, min(max_parts, -(-OUT // chunk))))
+    cap = min(max_parts, MOMENT_PARTS)
+    return max(1, min(cap, -(-IN // chunk))), max(1, min(cap, -(-OUT // chunk)))
 
 
 def moments(A, B, scale, *, ema=None) -> torch.Tensor:
