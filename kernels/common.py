@@ -66,6 +66,28 @@ def noise_from_words(w, noise_scaled):
 
 
 @triton.jit
+def split_tf32(t):
+    """``t = hi + lo`` exactly: ``hi`` is ``t`` rounded to TF32's 10 fraction bits (to nearest,
+    ties away from zero, like ``cvt.rna.tf32.f32``), so ``|lo| <= 2**-11 |t|``; the tensor
+    cores read ``hi`` unchanged and ``lo`` to its top 11 bits. Finite ``t`` only."""
+    hi = ((t.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, t - hi
+
+
+@triton.jit
+def dot_3xtf32(x_hi, x_lo, y_hi, y_lo):
+    """``x @ y`` to about fp32 accuracy from three TF32 tensor-core products:
+    ``x_lo y_hi + x_hi y_lo + x_hi y_hi`` (the dropped ``x_lo y_lo`` and the TF32 reading
+    of ``lo`` cost at most ~2**-21 of ``|x| |y|`` per term). Unlike ``input_precision="tf32x3"``
+    there is no per-element NaN guard on the small products (2 instructions per element on
+    sm_90, ``bench/sass_merge.py``): callers pass finite factors, and a NaN or Inf in them
+    propagates either way."""
+    d = tl.dot(x_lo, y_hi, input_precision="tf32")
+    d = tl.dot(x_hi, y_lo, d, input_precision="tf32")
+    return tl.dot(x_hi, y_hi, d, input_precision="tf32")
+
+
+@triton.jit
 def load_f32(ptrs, mask, KIND: tl.constexpr):
     """Load a tile stored as ``KIND`` (bf16 as int16 bits) and widen it to fp32 exactly."""
     if KIND == 2:

@@ -25,11 +25,11 @@ Extra memory: none (the norm vector when asked for).
 import triton
 import triton.language as tl
 
-from .common import load_f32, noise_from_words, store_rounded, stream_words
+from .common import dot_3xtf32, load_f32, noise_from_words, split_tf32, store_rounded, stream_words
 
 
 @triton.jit
-def _v_tile(W, X, Y, m0, rows, row_ok, div, x_tile, n0, M, N,
+def _v_tile(W, X, Y, m0, rows, row_ok, div, x_hi, x_lo, n0, M, N,
             stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
             scale, noise_scaled, seed, row_offset,
             R: tl.constexpr, R_PAD: tl.constexpr, HAS_DIV: tl.constexpr,
@@ -47,9 +47,10 @@ def _v_tile(W, X, Y, m0, rows, row_ok, div, x_tile, n0, M, N,
         v = tl.div_rn(v, div[:, None])
     if USE_DOT:
         k = tl.arange(0, R_PAD)
-        y = load_f32(Y + k[:, None] * stride_yk + cols[None, :].to(tl.int64) * stride_yn,
-                     (k[:, None] < R) & col_ok[None, :], Y_KIND)
-        d = tl.dot(x_tile, y, input_precision="tf32x3")
+        y_hi, y_lo = split_tf32(load_f32(
+            Y + k[:, None] * stride_yk + cols[None, :].to(tl.int64) * stride_yn,
+            (k[:, None] < R) & col_ok[None, :], Y_KIND))
+        d = dot_3xtf32(x_hi, x_lo, y_hi, y_lo)
     else:
         d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in tl.static_range(R):
@@ -93,10 +94,12 @@ def dora_kernel(
         div = 1.0
     if USE_DOT:
         k = tl.arange(0, R_PAD)
-        x_tile = load_f32(X + rows[:, None].to(tl.int64) * stride_xm + k[None, :] * stride_xk,
-                          row_ok[:, None] & (k[None, :] < R), X_KIND)
+        x_hi, x_lo = split_tf32(load_f32(
+            X + rows[:, None].to(tl.int64) * stride_xm + k[None, :] * stride_xk,
+            row_ok[:, None] & (k[None, :] < R), X_KIND))
     else:
-        x_tile = 0.0
+        x_hi = 0.0
+        x_lo = 0.0
     post = tl.full((BLOCK_M,), 1.0, tl.float32)
     if POST == 1:
         post = tl.load(POST_VEC + rows, mask=row_ok, other=1.0)
@@ -105,7 +108,7 @@ def dora_kernel(
         ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             v, words, w_ptrs, mask = _v_tile(
-                W, X, Y, m0, rows, row_ok, div, x_tile, n0, M, N,
+                W, X, Y, m0, rows, row_ok, div, x_hi, x_lo, n0, M, N,
                 stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
                 scale, noise_scaled, seed, row_offset, R, R_PAD, HAS_DIV, HAS_NOISE, HAS_NOISE,
                 TRANSPOSED, ALIGNED4, W_KIND, X_KIND, Y_KIND, USE_DOT, BLOCK_M, BLOCK_N)
@@ -120,7 +123,7 @@ def dora_kernel(
     if WRITE_W:
         for n0 in range(0, N, BLOCK_N):
             v, words, w_ptrs, mask = _v_tile(
-                W, X, Y, m0, rows, row_ok, div, x_tile, n0, M, N,
+                W, X, Y, m0, rows, row_ok, div, x_hi, x_lo, n0, M, N,
                 stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
                 scale, noise_scaled, seed, row_offset, R, R_PAD, HAS_DIV, HAS_NOISE,
                 HAS_NOISE or STOCHASTIC, TRANSPOSED, ALIGNED4, W_KIND, X_KIND, Y_KIND, USE_DOT,

@@ -5,8 +5,9 @@ the row blocks m, m + ROW_PROGRAMS, ... (ITERS steps; steps past the last row bl
 are fully masked): Y's R x BLOCK_N panel is loaded once per program and kept for the
 whole walk, and the loop is software-pipelined (``NUM_STAGES``) so the next W tile is
 in flight while the current one is computed. Per tile: the rank-R product of X's rows
-and Y's panel with ``tl.dot`` (K zero-padded to R_PAD >= 16, 3xTF32: fp32-accurate;
-tensor cores instead of R FMAs per element, which measured 2-5x slower on the H200),
+and Y's panel with ``tl.dot`` (K zero-padded to R_PAD >= 16, 3xTF32 on pre-split operands,
+``common.dot_3xtf32``: fp32-accurate; tensor cores instead of R FMAs per element, which
+measured 2-5x slower on the H200; Y's split is done once per program),
 the noise from the library's Philox stream (one Philox call per four elements),
 rounding to W's dtype (nearest-even or stochastic) and the store.
 
@@ -21,7 +22,8 @@ memory: none. ``HAS_DELTA=False`` is the noise-only op ``add_noise_``.
 import triton
 import triton.language as tl
 
-from .common import load_f32, load_f32_unmasked, noise_from_words, store_rounded, stream_words
+from .common import (dot_3xtf32, load_f32, load_f32_unmasked, noise_from_words, split_tf32,
+                     store_rounded, stream_words)
 
 
 @triton.jit
@@ -40,8 +42,9 @@ def merge_panel(
     cols64 = cols.to(tl.int64)
     k = tl.arange(0, R_PAD)
     if HAS_DELTA:
-        y = tl.load(Y + k[:, None] * stride_yk + cols64[None, :] * stride_yn,
-                    mask=(k[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
+        y_hi, y_lo = split_tf32(tl.load(Y + k[:, None] * stride_yk + cols64[None, :] * stride_yn,
+                                        mask=(k[:, None] < R) & col_ok[None, :],
+                                        other=0.0).to(tl.float32))
     for i in tl.range(0, ITERS, num_stages=NUM_STAGES):
         rows = (pid_m + i * ROW_PROGRAMS) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
@@ -56,7 +59,8 @@ def merge_panel(
         if HAS_DELTA:
             x = tl.load(X + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
                         mask=row_ok[:, None] & (k[None, :] < R), other=0.0).to(tl.float32)
-            v = v + tl.dot(x, y, input_precision="tf32x3") * scale
+            x_hi, x_lo = split_tf32(x)
+            v = v + dot_3xtf32(x_hi, x_lo, y_hi, y_lo) * scale
         if HAS_NOISE or STOCHASTIC:
             words = stream_words(seed, row_offset + rows64, col0, cols, N, ALIGNED4)
         else:

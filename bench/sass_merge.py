@@ -1,0 +1,142 @@
+"""Instructions per element of the fused merge's main loop, from its sm_90 machine code.
+
+Compiles ``kernels/merge.py::merge_kernel`` for the H100/H200 (``GPUTarget("cuda", 90, 32)``)
+with Triton's bundled ``ptxas``: no GPU needed. The loop body is the code between the
+pipelined loop's label and its backward branch; each thread runs it once per W tile, on
+``BLOCK_M * BLOCK_N / (32 * num_warps)`` elements. Prints instructions per element by
+opcode class, for the default configuration of each mode (or ``--block``).
+
+    python bench/sass_merge.py [--r 16] [--block 16x256x4x4] [--sass-out DIR]
+
+The H200 issues 4 instructions per SM per cycle: at 1.98 GHz over 132 SMs and 32 lanes,
+``n`` instructions per element of an 8192 x 8192 W cannot take less than
+``n * 8192**2 / (4 * 32 * 132 * 1.98e9)`` seconds (``n = 42``: 84 us; the copy floor is 63 us).
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, also on a CPU-only machine
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lorasc_fast import triton_path  # noqa: E402
+from lorasc_fast.kernels import merge  # noqa: E402
+
+CLASSES = [  # (name, opcode prefixes); the first match counts
+    ("philox mul", ("IMAD.HI", "IMAD.WIDE")),
+    ("integer logic/shift", ("LOP3", "SHF", "PRMT", "SEL", "LEA", "IADD3", "VIADD", "IMAD", "MOV")),
+    ("fp32 add/mul/fma", ("FADD", "FMUL", "FFMA")),
+    ("NaN guard / compare", ("FSETP", "FSEL", "ISETP")),
+    ("tensor core", ("HMMA", "HGMMA", "WARPGROUP")),
+    ("shared memory", ("LDS", "STS", "LDSM", "LDGSTS", "BAR")),
+    ("global memory", ("LDG", "STG")),
+    ("conversion", ("F2FP", "F2F", "I2F", "F2I")),
+    ("uniform datapath", ("U", "S2UR", "R2UR")),
+]
+
+
+def compile_merge(r, block_m, block_n, warps, stages, *, noise, stochastic, w_kind=3):
+    names = list(merge.merge_kernel.arg_names)
+    sig = {n: "i32" for n in names}
+    sig.update(W={3: "*bf16", 1: "*fp16", 0: "*fp32"}[w_kind], X="*fp32", Y="*fp32", FLAG="*i32",
+               scale="fp32", noise_scaled="fp32")
+    const = dict(stride_wn=1, stride_xk=1, stride_yn=1, R=r, R_PAD=max(16, triton.next_power_of_2(r)),
+                 HAS_DELTA=True, HAS_NOISE=noise, STOCHASTIC=stochastic, W_KIND=w_kind,
+                 ALIGNED4=True, EVEN=True, HAS_FLAG=False, BLOCK_M=block_m, BLOCK_N=block_n,
+                 NUM_STAGES=stages)
+    sig.update({k: "constexpr" for k in const})
+    aligned = ["W", "X", "Y", "FLAG", "M", "N", "stride_wm", "stride_xm", "stride_yk"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(merge.merge_kernel, {n: sig[n] for n in names},
+                    {(names.index(k),): v for k, v in const.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def disassemble(cubin: bytes) -> str:
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def loop_body(sass: str) -> list[str]:
+    """Opcodes of the longest loop (label .. backward branch)."""
+    labels, pending, ins = {}, None, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.L_x_(\d+):", line)
+        if m:
+            pending = int(m.group(1))
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            addr = int(m.group(1), 16)
+            if pending is not None:
+                labels[pending], pending = addr, None
+            ins.append((addr, re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).split()[0]))
+    loops = [(labels[label], addr) for addr, label in _branches(sass)
+             if labels.get(label, addr) < addr]
+    lo, hi = max(loops, key=lambda ab: ab[1] - ab[0])
+    return [op for a, op in ins if lo <= a <= hi]
+
+
+def _branches(sass):
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/[^;\n]*BRA\s+`\(\.L_x_(\d+)\)", sass):
+        yield int(m.group(1), 16), int(m.group(2))
+
+
+def classify(ops):
+    counts = collections.Counter()
+    for op in ops:
+        name = next((n for n, prefixes in CLASSES if op.startswith(prefixes)), "other")
+        counts[name] += 1
+    return counts
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--block", help="BLOCK_MxBLOCK_NxWARPSxSTAGES (default: merge_config's)")
+    p.add_argument("--sass-out", help="write each mode's SASS into this folder")
+    args = p.parse_args()
+    if args.block:
+        bm, bn, warps, stages = map(int, args.block.split("x"))
+    else:
+        cfg = triton_path.merge_config(8192, 8192, args.r, _Cuda())
+        bm, bn, warps, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["NUM_STAGES"]
+    per_thread = bm * bn // (32 * warps)
+    print(f"r = {args.r}, tile {bm}x{bn}, {warps} warps, {stages} stages: {per_thread} elements "
+          "per thread per loop iteration")
+    rows = {}
+    for mode, noise, sr in (("merge", False, False), ("merge+noise", True, False),
+                            ("merge+noise+SR", True, True)):
+        k = compile_merge(args.r, bm, bn, warps, stages, noise=noise, stochastic=sr)
+        sass = disassemble(k.asm["cubin"])
+        if args.sass_out:
+            os.makedirs(args.sass_out, exist_ok=True)
+            with open(os.path.join(args.sass_out, f"merge_r{args.r}_{mode}.sass"), "w") as f:
+                f.write(sass)
+        ops = loop_body(sass)
+        rows[mode] = classify(ops)
+        print(f"{mode:16s} {len(ops) / per_thread:5.1f} instructions per element "
+              f"({len(ops)} per iteration), {k.metadata.shared} B shared memory")
+    names = [n for n, _ in CLASSES] + ["other"]
+    print(f"\n{'per element':22s}" + "".join(f"{m:>16s}" for m in rows))
+    for n in names:
+        print(f"{n:22s}" + "".join(f"{rows[m][n] / per_thread:16.2f}" for m in rows))
+
+
+class _Cuda:
+    type = "cuda"
+
+
+if __name__ == "__main__":
+    main()
