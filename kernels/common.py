@@ -1,7 +1,8 @@
 """Triton helpers shared by the fused ops: the random stream and fp32 -> storage rounding.
 
 Not an op itself. The stream is the one specified in ``lorasc_fast.stream``: element
-``e = global_row * ncols + col`` takes word ``philox(seed, (e // 4) lo, (e // 4) hi, 0, 0)[e % 4]``.
+``e = global_row * ncols + col`` takes word ``philox(seed, (e // 4) lo, (e // 4) hi, 0, 0)[e % 4]``
+(Philox4x32-10, bit for bit ``tl.philox``; ``_philox_groups``).
 
 Storage kinds (``W_KIND``): 0 fp32, 1 fp16, 2 bf16 as its int16 bit pattern, 3 bf16.
 Kind 2 is for Triton's interpreter (whose own fp32 -> bf16 cast truncates): the
@@ -20,12 +21,35 @@ KIND_BF16_NATIVE: tl.constexpr = 3
 
 
 @triton.jit
+def _mulhilo(a: tl.constexpr, x):
+    """High and low words of ``a * x`` from one widening multiply (``mul.wide.u32``: one
+    ``IMAD.WIDE.U32`` on sm_90 where ``tl.math.umulhi`` plus ``*`` take two instructions)."""
+    p = x.to(tl.uint64) * a
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
 def _philox_groups(seed, g):
-    """The four words of Philox group ``g`` (an int64 tensor)."""
-    g_lo = (g & 0xFFFFFFFF).to(tl.uint32)
-    g_hi = (g >> 32).to(tl.uint32)
-    zero = g_lo * 0
-    return tl.philox(seed, g_lo, g_hi, zero, zero)
+    """The four words of Philox4x32-10 with key ``(seed lo, seed hi)`` and counter
+    ``(g lo, g hi, 0, 0)`` for an int64 tensor ``g``: bit for bit ``tl.philox`` (same
+    constants and round order), with each round's two multiplies widening ones."""
+    seed64 = seed.to(tl.uint64)
+    k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed64 >> 32).to(tl.uint32)
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c2
+    for _ in tl.static_range(10):
+        hi_b, lo_b = _mulhilo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mulhilo(0xD2511F53, c0)
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
 
 
 @triton.jit
