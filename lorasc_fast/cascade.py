@@ -8,12 +8,27 @@ Per layer (base ``W``, PEFT ``scaling[adapter]`` = s, fast ``A_f = lora_A.weight
 3. ``W += noise_lambda * std(s * B_s @ A_s) * (U - 1/2)`` (inside the norm for DoRA);
 4. ``A_f`` re-drawn with PEFT's init, ``B_f = 0``, their optimizer state dropped.
 
-Steps 1-3 run for all plain layers in one ``cascade_merge_many_`` (grouped launches on CUDA,
-its plan kept across boundaries), for DoRA and row-sharded layers through
-``distributed.cascade_merge_`` (EMA into temporaries, std checked, then ``merge_`` or
-``dora_merge_``). At
-construction, a non-zero initial slow product (e.g. ``init_lora_weights=False`` or PiSSA-like
-inits) gets Algorithm 1's step-0 noise ``add_noise_(W, noise_lambda * std(s * B_s @ A_s))``.
+A boundary is all or nothing: everything that can refuse is checked for every layer before
+the first write, so a refused boundary raises naming the layer and leaves every base weight,
+slow and fast factor and magnitude as it was. In order:
+
+a. the fast factors and DoRA magnitudes are checked finite (one read-back per device, AND-ed
+   over the ranks of sharded layers);
+b. DoRA and row-sharded layers are staged (``distributed.stage_merge``): their arguments
+   checked, their EMA'd slow factors formed in temporaries and the std of each product taken
+   from r x r Grams; the stds are read back (once per device) and must be finite, as must
+   ``noise_lambda * std``;
+c. all plain layers run steps 1-3 in one ``cascade_merge_many_`` (grouped launches on CUDA,
+   its plan kept across boundaries), which checks all of its own stds before its first write;
+d. the staged layers are committed (``distributed.commit_merge_``: slow factors stored, then
+   ``merge_`` or ``dora_merge_``), which cannot refuse any more.
+
+Extra memory: the staged temporaries, ``r * (in + out)`` fp32 per DoRA or sharded layer (its
+slow factors once more) until step d; never an out x in temporary.
+
+At construction, a non-zero initial slow product (e.g. ``init_lora_weights=False`` or
+PiSSA-like inits) gets Algorithm 1's step-0 noise ``add_noise_(W, noise_lambda * std(s * B_s
+@ A_s))``, also only after every layer's std was read back and checked.
 
 Randomness. Nothing draws from torch's global RNG, so the controller neither perturbs nor
 depends on the training loop's dropout/shuffle stream. Every draw has its own 64-bit seed
@@ -48,7 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, ops
 from . import validation as v
 from .batched import CascadeLayer, cascade_merge_many_, plan_for
 
@@ -86,14 +101,15 @@ def _dora_variant_class():
     return DoraLinearVariant
 
 
-def _to_cpu(flags) -> torch.Tensor:
-    """0-d device bools as one CPU vector, in order: one transfer (and sync) per device."""
-    out = torch.empty(len(flags), dtype=torch.bool)
+def _to_cpu(values) -> torch.Tensor:
+    """0-d device tensors of one dtype (flags, stds; at least one) as one CPU vector, in
+    order: one transfer (and sync) per device."""
+    out = torch.empty(len(values), dtype=values[0].dtype)
     by_device: dict = {}
-    for i, f in enumerate(flags):
-        by_device.setdefault(f.device, []).append(i)
+    for i, t in enumerate(values):
+        by_device.setdefault(t.device, []).append(i)
     for idx in by_device.values():
-        out[idx] = torch.stack([flags[i] for i in idx]).cpu()
+        out[idx] = torch.stack([values[i] for i in idx]).cpu()
     return out
 
 
@@ -225,13 +241,16 @@ class LoRASC:
     # ---- the cascade -------------------------------------------------------------------
 
     def _step0_noise(self):
-        """Algorithm 1's noise at step 0: only when the initial slow product is non-zero."""
+        """Algorithm 1's noise at step 0: only when the initial slow product is non-zero. Every
+        layer's std is read back and checked before the first layer gets noise."""
         if self.noise_lambda == 0.0:
             return
-        for i, layer in enumerate(self.layers):
-            scale = layer.module.scaling[self.adapter_name]
-            std = float(distributed.slow_moments(layer.A_slow, layer.B_slow, scale, layer.shard,
-                                                 _fan_in_fan_out(layer.module), self.backend)[1])
+        stds = [distributed.slow_moments(layer.A_slow, layer.B_slow,
+                                         layer.module.scaling[self.adapter_name], layer.shard,
+                                         _fan_in_fan_out(layer.module), self.backend)[1]
+                for layer in self.layers]
+        values = self._checked_stds(self.layers, stds, self.noise_lambda)
+        for i, (layer, std) in enumerate(zip(self.layers, values)):
             if std > 0.0:
                 distributed.add_noise_(layer.module.get_base_layer().weight,
                                        self.noise_lambda * std, layer.shard,
@@ -239,9 +258,42 @@ class LoRASC:
                                        rounding=self.rounding, backend=self.backend)
                 self.init_noise_applied = True
 
+    def _checked_stds(self, layers, stds, noise_lambda: float) -> list[float]:
+        """The host values of ``stds`` (0-d, one per layer of ``layers``; one read-back per
+        device). Refuses a non-finite std (a sharded layer's is the same on every rank, so
+        every rank refuses) or noise width ``noise_lambda * std``, naming the layer."""
+        values = _to_cpu(stds).tolist() if stds else []
+        for layer, value in zip(layers, values):
+            try:
+                ops._check_std(torch.tensor(value), dict(A_slow=layer.A_slow, B_slow=layer.B_slow),
+                               "scale * B_slow @ A_slow")
+            except ValueError as e:
+                raise type(e)(f"{layer.name}: {e}") from None
+            if not math.isfinite(noise_lambda * value):
+                raise ValueError(f"{layer.name}: the noise width noise_lambda * std = "
+                                 f"{noise_lambda} * {value} overflows; nothing was written")
+        return values
+
+    def _dora_layer(self, layer: _Layer) -> nn.Module | None:
+        """PEFT's ``DoraLinearLayer`` of a DoRA layer (``weight``: the magnitude), else None."""
+        return layer.module.lora_magnitude_vector[self.adapter_name] if layer.dora else None
+
+    def _must_be_finite(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, this rank's block) of every fast factor and DoRA magnitude."""
+        named = []
+        for layer in self.layers:
+            A_f, B_f = _params_of(layer, self.adapter_name)
+            named += [(f"{layer.name}.lora_A", A_f), (f"{layer.name}.lora_B", B_f)]
+            if layer.dora:
+                magnitude = self._dora_layer(layer).weight
+                named.append((f"{layer.name}.lora_magnitude_vector", magnitude))
+        return [(name, distributed.local(t)) for name, t in named]
+
     def _prepare(self):
         """Checks over all layers before any write, and slow factors onto the layers' devices
-        (and into this rank's rows if the model was sharded after the controller was built)."""
+        (and into this rank's rows if the model was sharded after the controller was built).
+        The fast factors and DoRA magnitudes must be finite: one read-back per device, AND-ed
+        over the ranks of the sharded layers."""
         if self.finished:
             raise RuntimeError("LoRASC.finish() was called; the cascade is over")
         for layer in self.layers:
@@ -251,13 +303,12 @@ class LoRASC:
         distributed.reshard(self._model)
         for layer in self.layers:
             self._sync_shard(layer)
-        fast = [distributed.local(p) for p in self.fast_parameters()]
-        finite = _to_cpu([torch.isfinite(p).all() for p in fast])
+        named = self._must_be_finite()
+        finite = _to_cpu([torch.isfinite(t).all() for _, t in named])
         finite = distributed.all_true(finite, [layer.shard for layer in self.layers])
         if not finite.all():
-            bad = int((~finite).nonzero()[0])
-            raise ValueError(f"{self.layers[bad // 2].name}.{('lora_A', 'lora_B')[bad % 2]} has "
-                             "NaN/Inf values; nothing was merged")
+            bad = named[int((~finite).nonzero()[0])][0]
+            raise ValueError(f"{bad} has NaN/Inf values; nothing was merged")
         for layer in self.layers:
             A_f = _params_of(layer, self.adapter_name)[0]
             if layer.A_slow.device != A_f.device:
@@ -276,40 +327,53 @@ class LoRASC:
         layer.shard = shard
 
     def _merge_all(self, noise_lambda: float, boundary: int):
-        """Plain (unsharded, non-DoRA) layers in one ``cascade_merge_many_`` call (a handful of
-        grouped launches on CUDA, its tables kept across boundaries); the others one by one."""
+        """Steps 1-3 for every layer, all or nothing (module docs, b-d): stage the DoRA and
+        sharded layers and check their stds, merge the plain layers (which check theirs
+        first), then commit the staged layers."""
         plain = [i for i, layer in enumerate(self.layers) if layer.shard is None and not layer.dora]
+        others = [i for i, layer in enumerate(self.layers) if layer.shard is not None or layer.dora]
+        staged = [self._stage(i, boundary) for i in others]
+        values = self._checked_stds([self.layers[i] for i in others], [s.std for s in staged],
+                                    noise_lambda)
         if plain:
-            batch = []
-            for i in plain:
-                layer, adapter = self.layers[i], self.adapter_name
-                A_f, B_f = _params_of(layer, adapter)
-                batch.append(CascadeLayer(
-                    layer.module.get_base_layer().weight, layer.A_slow, layer.B_slow, A_f, B_f,
-                    scale=layer.module.scaling[adapter], seed=stream_seed(self.seed, boundary, i, NOISE),
-                    fan_in_fan_out=_fan_in_fan_out(layer.module)))
-            if self._plan is None or not self._plan.matches(batch):
-                self._plan = plan_for(batch, rounding=self.rounding, backend=self.backend)
-            cascade_merge_many_(batch, alpha=self.alpha, noise_lambda=noise_lambda,
-                                rounding=self.rounding, backend=self.backend, plan=self._plan)
-        for i, layer in enumerate(self.layers):
-            if i not in plain:
-                self._merge(i, layer, noise_lambda, boundary)
+            self._merge_plain(plain, noise_lambda, boundary)
+        for i, s, std in zip(others, staged, values):
+            distributed.commit_merge_(s, noise_lambda * std)
+            dora = self._dora_layer(self.layers[i])
+            if hasattr(dora, "_cache_clear"):
+                dora._cache_clear()
 
-    def _merge(self, i: int, layer: _Layer, noise_lambda: float, boundary: int):
-        m, adapter = layer.module, self.adapter_name
-        A_f, B_f = _params_of(layer, adapter)
-        W = m.get_base_layer().weight
-        scale = m.scaling[adapter]
-        kw = dict(seed=stream_seed(self.seed, boundary, i, NOISE), rounding=self.rounding,
-                  fan_in_fan_out=_fan_in_fan_out(m), backend=self.backend)
-        magnitude = m.lora_magnitude_vector[adapter] if layer.dora else None
-        # sharded layers, and DoRA ones (EMA into temporaries, std checked, then the merge)
-        distributed.cascade_merge_(W, layer.A_slow, layer.B_slow, A_f, B_f, shard=layer.shard,
-                                   alpha=self.alpha, scale=scale, noise_lambda=noise_lambda,
-                                   magnitude=magnitude.weight if layer.dora else None, **kw)
-        if layer.dora and hasattr(magnitude, "_cache_clear"):
-            magnitude._cache_clear()
+    def _merge_plain(self, plain: list[int], noise_lambda: float, boundary: int):
+        """The plain (unsharded, non-DoRA) layers in one ``cascade_merge_many_`` call (a handful
+        of grouped launches on CUDA, its tables kept across boundaries); it checks every std
+        before its first write."""
+        batch = []
+        for i in plain:
+            layer, adapter = self.layers[i], self.adapter_name
+            A_f, B_f = _params_of(layer, adapter)
+            batch.append(CascadeLayer(
+                layer.module.get_base_layer().weight, layer.A_slow, layer.B_slow, A_f, B_f,
+                scale=layer.module.scaling[adapter], seed=stream_seed(self.seed, boundary, i, NOISE),
+                fan_in_fan_out=_fan_in_fan_out(layer.module)))
+        if self._plan is None or not self._plan.matches(batch):
+            self._plan = plan_for(batch, rounding=self.rounding, backend=self.backend)
+        cascade_merge_many_(batch, alpha=self.alpha, noise_lambda=noise_lambda,
+                            rounding=self.rounding, backend=self.backend, plan=self._plan)
+
+    def _stage(self, i: int, boundary: int) -> distributed.StagedMerge:
+        """A DoRA or sharded layer up to its first write (``distributed.stage_merge``)."""
+        layer = self.layers[i]
+        m, dora = layer.module, self._dora_layer(layer)
+        A_f, B_f = _params_of(layer, self.adapter_name)
+        try:
+            return distributed.stage_merge(
+                m.get_base_layer().weight, layer.A_slow, layer.B_slow, A_f, B_f,
+                shard=layer.shard, alpha=self.alpha, scale=m.scaling[self.adapter_name],
+                seed=stream_seed(self.seed, boundary, i, NOISE), rounding=self.rounding,
+                fan_in_fan_out=_fan_in_fan_out(m), magnitude=dora.weight if dora else None,
+                backend=self.backend)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{layer.name}: {e}; nothing was written") from None
 
     @torch.no_grad()
     def _reinit(self, i: int, layer: _Layer, boundary: int):

@@ -22,36 +22,41 @@ factor, Y the column factor. ``X^T X``, ``1^T X`` and the row count are summed o
 ranks that split W's rows (one fp64 all_reduce of r^2 + r + 1 numbers); ``Y Y^T`` is formed
 locally from the full Y. Every rank then holds the same reduced numbers and the same Y and
 evaluates the same fp64 formula, so the std is bit-identical on every rank. It is the
-formula of the single-process torch path (``torch_path.lowrank_moments``), evaluated on the
+formula of the single-process torch path (``torch_path.moments_from_grams``), evaluated on the
 stored EMA'd slow factors; it differs from a single process only in the fp64 summation
 order of the Grams (~1e-16 relative), which the final fp32 rounding absorbs. (The Triton
 moments sum fp32 partial Grams, so a single-GPU std can differ in its last fp32 bit.)
 
-Merge: ``ops.merge_`` / ``dora_merge_`` (nn.Linear layout only: the DoRA magnitude's rows
-are W's) on ``W.to_local()`` with ``row_offset = o``: the noise (and stochastic rounding)
-words are those of the global elements, so the merged rows equal a single-process merge of
-the whole matrix wherever the backend computes each row alike (the reference and Triton
-merges; the torch path's BLAS products when ``o`` is a multiple of 8). The EMA is
-elementwise, hence local. Fast re-initialisation: the full-size value is drawn on the CPU
-(as in a single process) and each rank copies its block.
+Merge, in two halves so that a whole-model boundary is all or nothing: :func:`stage_merge`
+checks the arguments and forms the EMA'd slow factors (new tensors) and their std, writing
+nothing; :func:`commit_merge_` stores them and merges (as ``ops.merge_`` / ``dora_merge_``;
+nn.Linear layout only for DoRA: the magnitude's rows are W's) into ``W.to_local()`` with
+``row_offset = o``: the noise (and stochastic rounding) words are those of the global
+elements, so the merged rows equal a single-process merge of the whole matrix wherever the
+backend computes each row alike (the reference and Triton merges; the torch path's BLAS
+products when ``o`` is a multiple of 8). The EMA is elementwise, hence local. Fast
+re-initialisation: the full-size value is drawn on the CPU (as in a single process) and
+each rank copies its block.
 
-Collectives per layer and boundary: all-gathers of the small factors that are not
-row-aligned (A; for fan_in_fan_out also B) and one all_reduce; every rank must run the
-boundary (``LoRASC.step`` / ``finish``) at the same point.
+Collectives per layer and boundary, all in :func:`stage_merge`: all-gathers of the small
+factors that are not row-aligned (A; for fan_in_fan_out also B) and one all_reduce; every
+rank must run the boundary (``LoRASC.step`` / ``finish``) at the same point. A refusal
+(a non-finite std, the same on every rank; non-finite fast factors or magnitudes, AND-ed
+over the ranks by :func:`all_true`) is therefore raised by every rank before any write.
 
 Replicated weights (plain tensors on every rank, DDP) need none of this: the same inputs
 and seeds give every rank the same result.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from . import ops
+from . import ops, reference, torch_path, triton_path
 from . import validation as v
+from .dora import _check_vector, dora_merge_
 
 try:  # torch built without distributed support: nothing can be sharded
     from torch.distributed.fsdp import FSDPModule
@@ -60,8 +65,9 @@ try:  # torch built without distributed support: nothing can be sharded
 except ImportError:  # pragma: no cover
     DTensor = FSDPModule = None
 
-__all__ = ["RowShard", "is_sharded", "local", "row_shard", "lowrank_moments", "cascade_merge_",
-           "slow_copies", "to_shard_layout", "add_noise_", "copy_full_", "all_true", "reshard"]
+__all__ = ["RowShard", "is_sharded", "local", "row_shard", "lowrank_moments", "slow_moments",
+           "StagedMerge", "stage_merge", "commit_merge_", "slow_copies", "to_shard_layout",
+           "add_noise_", "copy_full_", "all_true", "reshard"]
 
 
 @dataclass(frozen=True)
@@ -191,7 +197,8 @@ def lowrank_moments(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, *, row
     ``row_factor="B"``: B holds this rank's rows of B (out x r) and A is all of A;
     ``row_factor="A"``: A holds this rank's columns of A (r x in) and B is all of B.
     Local fp64 Grams and sums of the row factor, one fp64 all_reduce (SUM) of r^2 + r + 1
-    numbers per group, then the single-process formula; bit-identical on every rank.
+    numbers per group, then the single-process formula (``torch_path.moments_from_grams``);
+    bit-identical on every rank, and nothing is read back to the host.
     Memory: fp64 copies of the factors, r x r Grams.
     """
     v.check_factor("A", A)
@@ -202,58 +209,105 @@ def lowrank_moments(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, *, row
     if row_factor not in ("A", "B"):
         raise ValueError(f'row_factor must be "A" or "B", got {row_factor!r}')
     X, Y = (B, A) if row_factor == "B" else (A.T, B.T)  # W-rows x r, r x W-cols
-    X64, Y64 = X.double(), Y.double()
+    X64 = X.double()
     r = X.shape[1]
     part = torch.cat([(X64.T @ X64).reshape(-1), X64.sum(0), X64.new_tensor([X.shape[0]])])
     for g in _groups(group):
         dist.all_reduce(part, op=dist.ReduceOp.SUM, group=g)
-    gram_x, sum_x = part[:r * r].view(r, r), part[r * r:r * r + r]
-    n = int(part[-1].item()) * Y.shape[1]
-    total = scale * torch.dot(sum_x, Y64.sum(1))
-    sumsq = scale * scale * (gram_x * (Y64 @ Y64.T)).sum()
-    mean = total / n
-    var = (sumsq - total * mean).clamp_min(0.0) / max(n - 1, 1)
-    return mean.float(), var.sqrt().float()
+    return torch_path.moments_from_grams(part[:r * r].view(r, r), part[r * r:r * r + r],
+                                         part[-1], Y.double(), scale)
 
 
 def slow_moments(A_slow, B_slow, scale, shard: RowShard | None, fan_in_fan_out: bool, backend):
-    """Moments of ``scale * B_slow @ A_slow`` for either layout (plain: the public op)."""
-    if shard is None:
-        return ops.lowrank_moments(A_slow, B_slow, scale, backend=backend)
-    return lowrank_moments(A_slow, B_slow, scale, row_factor=_row_factor(fan_in_fan_out),
-                           group=shard.groups())
+    """Mean and std (0-d fp32, left on the device: the caller reads back and checks them) of
+    ``scale * B_slow @ A_slow`` in either layout: the backend's moments (``ops.lowrank_moments``
+    without its read-back), or :func:`lowrank_moments` of the row shards."""
+    if shard is not None:
+        return lowrank_moments(A_slow, B_slow, scale, row_factor=_row_factor(fan_in_fan_out),
+                               group=shard.groups())
+    backend = v.resolve_backend(backend, A_slow.device)
+    if backend == "reference":
+        return reference.lowrank_moments(A_slow, B_slow, scale)
+    if backend == "torch":
+        return torch_path.lowrank_moments(A_slow, B_slow, scale)
+    return tuple(triton_path.moments(A_slow, B_slow, scale))  # [mean, std]
+
+
+@dataclass
+class StagedMerge:
+    """One layer's cascade boundary, computed but not yet written (:func:`stage_merge`).
+
+    ``A_ema, B_ema``: ``alpha * slow + (1 - alpha) * fast`` in this rank's layout (fp32,
+    r * (rows + cols) elements: one more copy of the slow factors until the commit);
+    ``std``: ``std(scale * B_ema @ A_ema)`` of the global product, 0-d fp32 on the device;
+    ``W``, ``magnitude``: this rank's rows of the base weight and of the DoRA magnitude.
+    """
+    W: torch.Tensor
+    A_slow: torch.Tensor
+    B_slow: torch.Tensor
+    A_ema: torch.Tensor
+    B_ema: torch.Tensor
+    std: torch.Tensor
+    magnitude: torch.Tensor | None
+    backend: str
+    merge_kw: dict  # scale, seed, row_offset, rounding, fan_in_fan_out
+
+
+def _check_merge(W, A, B, magnitude, *, scale, seed, row_offset, rounding, fan_in_fan_out,
+                 backend) -> str:
+    """The checks of ``ops.merge_`` / ``dora_merge_`` that read no values (the caller checks
+    finiteness and the noise width once the stds are read back); returns the backend."""
+    backend = ops._check_common(W, rounding, seed, row_offset, backend)
+    ops._check_factors(W, A, B, fan_in_fan_out)
+    vectors = {} if magnitude is None else {"magnitude": magnitude}
+    for name, t in vectors.items():
+        _check_vector(name, t, B.shape[0])
+    v.check_same_device(W=W, A=A, B=B, **vectors)
+    v.check_scalar("scale", scale)
+    v.check_no_alias("W", W, A=A, B=B, **vectors)
+    return backend
 
 
 @torch.no_grad()
-def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, shard: RowShard | None, alpha: float,
-                   scale: float, noise_lambda: float, seed: int, rounding: str,
-                   fan_in_fan_out: bool, magnitude=None, backend=None) -> torch.Tensor:
-    """``ops.cascade_merge_`` for a row-sharded W (``shard=None``: an unsharded one, the DoRA
-    case), DoRA with ``magnitude``; returns the std.
+def stage_merge(W, A_slow, B_slow, A_fast, B_fast, *, shard: RowShard | None, alpha: float,
+                scale: float, seed: int, rounding: str, fan_in_fan_out: bool, magnitude=None,
+                backend=None) -> StagedMerge:
+    """Everything of ``ops.cascade_merge_`` (DoRA with ``magnitude``) for a row-sharded W
+    (``shard=None``: an unsharded one) up to the first write: the argument checks, the EMA
+    into new tensors and the std of their product (left on the device). Writes nothing; the
+    fast factors must already be known finite (the controller checks them all at once).
 
-    The EMA goes into factor-sized temporaries first, so a non-finite std (the same on
-    every rank) raises with nothing written. Collectives (sharded): the all-gathers of
-    :func:`_fast_block` and one all_reduce of the Grams.
+    Collectives (sharded): the all-gathers of :func:`_fast_block` (and of the magnitude if it
+    is not sharded like W) and one all_reduce of the Grams, the same on every rank.
     """
     A_f, B_f = _fast_block(A_fast, B_fast, shard, fan_in_fan_out)
-    A_new, B_new = A_slow.clone(), B_slow.clone()
-    ops.ema_([A_new, B_new], [A_f, B_f], alpha, backend=backend)
-    std = slow_moments(A_new, B_new, scale, shard, fan_in_fan_out, backend)[1]
-    value = float(std)
-    if not math.isfinite(value):
-        raise ValueError(f"the std of scale * B_slow @ A_slow is {value}; nothing was written")
-    A_slow.copy_(A_new)
-    B_slow.copy_(B_new)
-    kw = dict(scale=scale, noise=noise_lambda * value, seed=seed,
-              row_offset=shard.offset if shard else 0, rounding=rounding,
-              fan_in_fan_out=fan_in_fan_out, backend=backend)
-    if magnitude is None:
-        ops.merge_(local(W), A_slow, B_slow, **kw)
+    if magnitude is not None and shard is not None:
+        magnitude = _rows(magnitude, shard)
+    kw = dict(scale=scale, seed=seed, row_offset=shard.offset if shard else 0,
+              rounding=rounding, fan_in_fan_out=fan_in_fan_out)
+    backend = _check_merge(local(W), A_slow, B_slow, magnitude, backend=backend, **kw)
+    A_ema, B_ema = A_slow.clone(), B_slow.clone()
+    v.check_sequences([A_ema, B_ema], [A_f, B_f])
+    ops._ema([A_ema, B_ema], [A_f, B_f], alpha, backend)
+    std = slow_moments(A_ema, B_ema, scale, shard, fan_in_fan_out, backend)[1]
+    return StagedMerge(local(W), A_slow, B_slow, A_ema, B_ema, std, magnitude, backend, kw)
+
+
+@torch.no_grad()
+def commit_merge_(staged: StagedMerge, noise: float) -> None:
+    """The writes of a :func:`stage_merge`: the EMA'd values into the slow factors, then
+    ``W += scale * B_slow @ A_slow + noise * (U - 1/2)`` on this rank's rows (DoRA: then the
+    row norms set to the magnitude). ``noise`` (``noise_lambda * std``) must be finite, as
+    must ``std``: the caller checked both, so nothing here refuses (``dora_merge_`` repeats
+    its checks, one read-back). No collectives."""
+    A_slow, B_slow, kw = staged.A_slow, staged.B_slow, staged.merge_kw
+    A_slow.copy_(staged.A_ema)
+    B_slow.copy_(staged.B_ema)
+    if staged.magnitude is None:
+        ops._merge(staged.W, A_slow, B_slow, staged.backend, noise=noise, **kw)
     else:
-        from .dora import dora_merge_
-        dora_merge_(local(W), A_slow, B_slow, _rows(magnitude, shard) if shard else magnitude,
-                    **kw)
-    return std
+        dora_merge_(staged.W, A_slow, B_slow, staged.magnitude, noise=noise,
+                    backend=staged.backend, **kw)
 
 
 def add_noise_(W, noise: float, shard: RowShard | None, **kw) -> None:

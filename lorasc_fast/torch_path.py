@@ -101,11 +101,25 @@ def lowrank_moments(A, B, scale, *, ema=None):
         A_f, B_f, alpha = ema
         A, B = _ema_value(A, A_f, alpha), _ema_value(B, B_f, alpha)
     A64, B64 = A.double(), B.double()
-    n = B.shape[0] * A.shape[1]
-    total = scale * torch.dot(B64.sum(0), A64.sum(1))
-    sumsq = scale * scale * ((B64.T @ B64) * (A64 @ A64.T)).sum()
+    return moments_from_grams(B64.T @ B64, B64.sum(0), B.shape[0], A64, scale)
+
+
+def moments_from_grams(gram_x, sum_x, rows, Y, scale):
+    """Mean and unbiased std (0-d fp32) of ``M = scale * X @ Y`` (X: rows x r, Y: r x cols)
+    from X's fp64 Gram ``X^T X`` and column sums ``1^T X`` and the fp64 Y:
+
+    ``sum(M) = s (1^T X)(Y 1)``, ``||M||^2 = s^2 sum((X^T X) * (Y Y^T))``, ``n = rows * cols``,
+    ``var = max(||M||^2 - sum(M)^2 / n, 0) / max(n - 1, 1)``.
+
+    ``rows``: an int, or a 0-d fp64 tensor (a row count summed over ranks, kept on the device:
+    no read-back). Memory: r x r.
+    """
+    n = rows * Y.shape[1]
+    total = scale * torch.dot(sum_x, Y.sum(1))
+    sumsq = scale * scale * (gram_x * (Y @ Y.T)).sum()
     mean = total / n
-    var = (sumsq - total * mean).clamp_min(0.0) / max(n - 1, 1)
+    dof = (n - 1).clamp_min(1) if isinstance(n, torch.Tensor) else max(n - 1, 1)
+    var = (sumsq - total * mean).clamp_min(0.0) / dof
     return mean.float(), var.sqrt().float()
 
 

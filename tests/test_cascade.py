@@ -442,21 +442,82 @@ def test_nan_fast_factor_modifies_nothing(gen):
     assert cascade.boundaries == 0
 
 
-def test_dora_std_overflow_modifies_nothing(gen):
-    """Finite fast factors whose EMA'd product overflows fp32 on a DoRA layer: the boundary is
-    refused before the slow factors, W or the magnitude change."""
-    cascade = LoRASC(tiny("llama", use_dora=True))
-    pretend_training(cascade, gen)
+def with_dora(model, names):
+    """Turn the LoRA layers ending in ``names`` into DoRA layers (PEFT's own ``update_layer``):
+    one adapter with plain and DoRA layers, so a boundary runs both merge paths."""
+    config = LoraConfig(r=4, lora_alpha=8, use_dora=True)
+    for name, m in model.named_modules():
+        if name.endswith(names):
+            m.update_layer(ADAPTER, 4, 8, config=config)
+    return model
+
+
+def every_tensor(cascade):
+    """Every tensor a boundary may write: base weights, slow and fast factors, DoRA magnitudes."""
+    out = []
+    for layer in cascade.layers:
+        out += [weight(layer), layer.A_slow, layer.B_slow, *fast(layer)]
+        if layer.dora:
+            out.append(layer.module.lora_magnitude_vector[ADAPTER].weight)
+    return out
+
+
+def assert_bit_identical(before, after):
+    assert len(before) == len(after)
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if not (
+        torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))]
+    assert not changed, f"tensors {changed} changed"
+
+
+def overflow_fast(layer, gen):
+    """Finite fast factors whose EMA'd product overflows fp32 (std ~ 1e58)."""
     with torch.no_grad():
-        for t in fast(cascade.layers[0]):
+        for t in fast(layer):
             t.copy_(1e30 * torch.randn(t.shape, generator=gen))
-    layer = cascade.layers[0]
-    mag = layer.module.lora_magnitude_vector[ADAPTER].weight
-    snapshot = [t.clone() for t in (weight(layer), layer.A_slow, layer.B_slow, mag)]
-    with pytest.raises(ValueError, match="nothing was written"):
-        cascade.step()
-    assert all(torch.equal(a, b) for a, b in
-               zip(snapshot, (weight(layer), layer.A_slow, layer.B_slow, mag)))
+
+
+def nan_magnitude(layer, gen):
+    with torch.no_grad():
+        layer.module.lora_magnitude_vector[ADAPTER].weight[1] = float("nan")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the overflow
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+@pytest.mark.parametrize("fault", [overflow_fast, nan_magnitude])
+@pytest.mark.parametrize("method", ["step", "finish"])
+def test_refused_boundary_modifies_nothing(backend, fault, method, gen):
+    """Plain layers, a healthy DoRA layer and, last, a DoRA layer that refuses (its EMA'd
+    product overflows fp32, or its magnitude holds a NaN): the boundary raises naming that
+    layer, and no weight, slow or fast factor or magnitude of any layer has changed."""
+    model = with_dora(tiny("llama"), ("layers.0.mlp.down_proj", "layers.1.mlp.down_proj"))
+    cascade = LoRASC(model, seed=3, backend=backend)
+    assert [l.dora for l in cascade.layers] == [False, False, True, False, False, True]
+    pretend_training(cascade, gen)
+    fault(cascade.layers[-1], gen)
+    before = [t.clone() for t in every_tensor(cascade)]
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj.*nothing was"):
+        getattr(cascade, method)()
+    assert_bit_identical(before, every_tensor(cascade))
+    assert cascade.boundaries == 0 and not cascade.finished
+    with torch.no_grad():  # repaired, the same controller runs the boundary
+        for t, b in zip(every_tensor(cascade), before):
+            t.copy_(b.nan_to_num(1.0).clamp(-1, 1))
+    getattr(cascade, method)()
+    assert not torch.equal(weight(cascade.layers[0]), before[0])
+
+
+def test_refused_construction_noise_modifies_nothing(gen):
+    """Step-0 noise: a non-finite initial std on the last layer is refused before any layer's
+    base weight gets noise."""
+    model = tiny("llama", init_lora_weights=False)
+    layers = [m for n, m in model.named_modules() if n.endswith("layers.1.mlp.down_proj")]
+    with torch.no_grad():
+        for t in (layers[0].lora_A[ADAPTER].weight, layers[0].lora_B[ADAPTER].weight):
+            t.copy_(1e30 * torch.randn(t.shape, generator=gen))
+    before = [p.detach().clone() for n, p in model.named_parameters()]
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj.*nothing was"):
+        LoRASC(model, noise_lambda=1.0)
+    assert_bit_identical(before, [p.detach() for n, p in model.named_parameters()])
 
 
 def test_merged_adapter_is_refused():

@@ -15,6 +15,11 @@ rows differently, and its single-process std is taken from ``alpha * s + (1 - al
 while the slow factors it stores are lerped (``ema_``), which can move the std by an ulp.
 The GPU check (Triton kernels) is bench/fsdp_step.py.
 
+The refusal cases shard only the second decoder block, so a boundary has plain and sharded
+layers; the last (sharded) layer refuses - its EMA'd product overflows fp32, or one rank's
+rows of its DoRA magnitude hold a NaN - and every rank must raise with nothing changed, then
+run the boundary in step once repaired.
+
 All cases run in one spawn of two processes (the start-up dominates); each rank writes its
 checks to a JSON file that the tests below read.
 """
@@ -32,7 +37,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lorasc_fast import LoRASC, torch_path
-from lorasc_fast.distributed import is_sharded, lowrank_moments
+from lorasc_fast.distributed import copy_full_, is_sharded, local, lowrank_moments
 
 WORLD = 2
 VOCAB = 128
@@ -177,6 +182,62 @@ def _fsdp_case(name):
     return out
 
 
+def _local_tensors(ctrl):
+    """This rank's blocks of everything a boundary may write, layer by layer."""
+    out = []
+    for layer in ctrl.layers:
+        m = layer.module
+        out += [local(t) for t in (m.get_base_layer().weight, layer.A_slow, layer.B_slow,
+                                   m.lora_A.default.weight, m.lora_B.default.weight)]
+        if layer.dora:
+            out.append(local(m.lora_magnitude_vector.default.weight))
+    return out
+
+
+@torch.no_grad()
+def _set_fast(layer, rank, value):
+    """Fast factors ``value * N(0, 1)``, the same full tensors on every rank (any ``rank``)."""
+    g = torch.Generator().manual_seed(7)
+    for p in (layer.module.lora_A.default.weight, layer.module.lora_B.default.weight):
+        copy_full_(p, value * torch.randn(p.shape, generator=g))
+
+
+@torch.no_grad()
+def _nan_magnitude(layer, rank, value):
+    """``value`` in the first of rank 1's rows of the magnitude (rank 0's stay finite)."""
+    if rank == 1:
+        local(layer.module.lora_magnitude_vector.default.weight)[0] = value
+
+
+def _refusal_case(rank, fault):
+    from torch.distributed.fsdp import fully_shard
+    inject, lora = {"overflow": (_set_fast, QV),
+                    "nan_magnitude": (_nan_magnitude, dict(QV, use_dora=True))}[fault]
+    model = _build(_llama, lora)
+    fully_shard(_blocks(model)[1])  # block 0 stays plain
+    ctrl = LoRASC(model, backend="reference", **CTRL)
+    last = ctrl.layers[-1]
+    out = {"mixed": [l.shard is not None for l in ctrl.layers] == [False, False, True, True]}
+    for layer in ctrl.layers:  # trained-like fast factors
+        _set_fast(layer, rank, 0.1)
+    inject(last, rank, 1e30 if fault == "overflow" else float("nan"))
+    before = [t.clone() for t in _local_tensors(ctrl)]
+    W_last = local(last.module.get_base_layer().weight).clone()
+    try:
+        ctrl.step()
+        out["raised"] = False
+    except ValueError as e:
+        out["raised"] = last.name in str(e) and "nothing was" in str(e)
+    out["unchanged"] = all(torch.equal(a.nan_to_num(), b.nan_to_num()) and
+                           torch.equal(a.isnan(), b.isnan())
+                           for a, b in zip(before, _local_tensors(ctrl)))
+    inject(last, rank, 0.1 if fault == "overflow" else 1.0)
+    ctrl.step()
+    out["repaired_steps"] = ctrl.boundaries == 1 and not torch.equal(
+        local(last.module.get_base_layer().weight), W_last)
+    return out
+
+
 def _ddp_case(rank):
     """Replicated weights: each rank trains on its own batch (DDP averages the gradients)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -228,6 +289,7 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         results = {name: _fsdp_case(name) for name in CASES}
+        results["refusal"] = {f: _refusal_case(rank, f) for f in ("overflow", "nan_magnitude")}
         results["ddp"] = _ddp_case(rank)
         results["moments"] = _moments_case(rank)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -279,6 +341,13 @@ def test_fsdp_matches_single_process(results, name):
     for rank, res in enumerate(results):
         print(f"rank {rank}: {res[name]}")
         _assert_equal_to_single_process(res[name], bitwise=CASES[name]["backend"] == "reference")
+
+
+@pytest.mark.parametrize("fault", ["overflow", "nan_magnitude"])
+def test_refused_boundary_changes_nothing_on_any_rank(results, fault):
+    for rank, res in enumerate(results):
+        assert res["refusal"][fault] == {"mixed": True, "raised": True, "unchanged": True,
+                                         "repaired_steps": True}, f"rank {rank}"
 
 
 def test_ddp_every_rank_same(results):
