@@ -34,27 +34,16 @@ class CascadeLayer:
 
 
 def _check_layer(i: int, layer: CascadeLayer, rounding, backend) -> str:
-    name = f"layers[{i}]"
+    """``cascade_merge_``'s per-layer checks (alpha and noise_lambda are checked once, by the
+    caller); the error names the layer. Returns the layer's backend; writes nothing."""
     try:
         backend = ops._check_common(layer.W, rounding, layer.seed, layer.row_offset, backend)
         ops._check_factors(layer.W, layer.A_slow, layer.B_slow, layer.fan_in_fan_out,
                            "A_slow", "B_slow")
-        for fname, fast, slow in (("A_fast", layer.A_fast, layer.A_slow),
-                                  ("B_fast", layer.B_fast, layer.B_slow)):
-            v.check_factor(fname, fast)
-            if fast.shape != slow.shape:
-                raise ValueError(f"{fname} is {tuple(fast.shape)} but its slow copy is "
-                                 f"{tuple(slow.shape)}")
-        v.check_same_device(W=layer.W, A_slow=layer.A_slow, B_slow=layer.B_slow,
-                            A_fast=layer.A_fast, B_fast=layer.B_fast)
+        v.check_cascade_pairs(layer.W, layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast)
         v.check_scalar("scale", layer.scale)
-        v.check_no_alias("W", layer.W, A_slow=layer.A_slow, B_slow=layer.B_slow,
-                         A_fast=layer.A_fast, B_fast=layer.B_fast)
-        v.check_no_alias("A_slow", layer.A_slow, A_fast=layer.A_fast, B_slow=layer.B_slow,
-                         B_fast=layer.B_fast)
-        v.check_no_alias("B_slow", layer.B_slow, A_fast=layer.A_fast, B_fast=layer.B_fast)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"{name}: {e}") from None
+        raise type(e)(f"layers[{i}]: {e}") from None
     return backend
 
 
@@ -82,7 +71,7 @@ def _raise_for_std(layers, values) -> None:
                                                       A_fast=layer.A_fast, B_fast=layer.B_fast),
                            "scale * B_slow @ A_slow")
         except ValueError as e:
-            raise ValueError(f"layers[{i}]: {e}") from None
+            raise type(e)(f"layers[{i}]: {e}") from None
 
 
 @torch.no_grad()

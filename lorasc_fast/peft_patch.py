@@ -15,10 +15,12 @@ What changes, per adapter (s = ``scaling[adapter]``):
   with the norm taken, as in PEFT, on the weight with the other merged adapters taken
   out; the norm is cached under PEFT's own key, and unmerge is
   ``W <- W / dora_factor - s B A`` (``dora_weight_norm``, ``dora_merge_``, ``dora_unmerge_``);
-* ``safe_merge=True``: every adapter is checked before anything of it is written - finite
-  factors, magnitude, factor and ``lora_bias``, then a read-only pass over W in row chunks
-  that rounds the merged values to W's dtype - and PEFT's ``ValueError("NaNs detected in
-  the merged weights. ...")`` is raised with W untouched;
+* non-finite input is refused before anything of the adapter is written: the fused ops
+  refuse NaN or Inf in A, B and the magnitude (``validation.NonFiniteError``), the patch
+  the DoRA factor and ``lora_bias``;
+* ``safe_merge=True``: also a read-only pass over W in row chunks that rounds the merged
+  values to W's dtype (``torch_path.merged_finite``); any refusal raises PEFT's
+  ``ValueError("NaNs detected in the merged weights. ...")`` with W untouched;
 * ``get_delta_weight`` still returns the delta (callers asked for it): one ``out x in``
   tensor written by ``merge_`` into zeros; with autograd on and trainable factors it is
   PEFT's own (differentiable) method. merge/unmerge never call it;
@@ -39,6 +41,7 @@ import warnings
 import torch
 
 from . import ops, torch_path
+from . import validation as v
 from .dora import dora_merge_, dora_unmerge_, dora_weight_norm
 
 __all__ = ["patch_peft", "unpatch_peft", "is_patched"]
@@ -46,7 +49,6 @@ __all__ = ["patch_peft", "unpatch_peft", "is_patched"]
 _METHODS = ("merge", "unmerge", "get_delta_weight")
 _ORIGINAL: dict = {}  # method name -> the attribute found in Linear.__dict__
 _STATE = {"backend": None}
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _nan_error(adapter: str) -> ValueError:
@@ -88,16 +90,16 @@ def _layer_supported(layer) -> bool:
     if type(layer).get_delta_weight is not _get_delta_weight or not hasattr(layer, "lora_variant"):
         return False
     W = getattr(layer.get_base_layer(), "weight", None)
-    return (isinstance(W, torch.Tensor) and type(W.data) is torch.Tensor and W.dtype in _FLOAT
-            and W.dim() == 2 and W.device.type != "meta")
+    return (isinstance(W, torch.Tensor) and type(W.data) is torch.Tensor
+            and W.dtype in v.WEIGHT_DTYPES and W.dim() == 2 and W.device.type != "meta")
 
 
 def _factors_supported(layer, adapter, device) -> bool:
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     shape = (A.shape[1], B.shape[0]) if layer.fan_in_fan_out else (B.shape[0], A.shape[1])
-    return (A.dtype in _FLOAT and B.dtype in _FLOAT and A.device == device == B.device
-            and A.dim() == 2 and B.dim() == 2 and A.shape[0] == B.shape[1]
-            and tuple(_weight(layer).shape) == shape)
+    return (A.dtype in v.FACTOR_DTYPES and B.dtype in v.FACTOR_DTYPES
+            and A.device == device == B.device and A.dim() == 2 and B.dim() == 2
+            and A.shape[0] == B.shape[1] and tuple(_weight(layer).shape) == shape)
 
 
 def _adapter_supported(layer, adapter) -> bool:
@@ -114,7 +116,7 @@ def _adapter_supported(layer, adapter) -> bool:
         return False
     m = layer.lora_magnitude_vector[adapter].weight
     out_f = layer.lora_B[adapter].weight.shape[0]
-    return m.dtype in _FLOAT and m.device == W.device and tuple(m.shape) == (out_f,)
+    return m.dtype in v.FACTOR_DTYPES and m.device == W.device and tuple(m.shape) == (out_f,)
 
 
 def _supported(layer, adapters) -> bool:
@@ -122,30 +124,29 @@ def _supported(layer, adapters) -> bool:
         _adapter_supported(layer, a) for a in [*adapters, *layer.merged_adapters])
 
 
-def _all_finite(*tensors) -> bool:
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+# ----------------------------------------------------------------------------- checks
+# The fused ops refuse non-finite A, B and magnitude (``validation.NonFiniteError``) before
+# they write anything; the patch checks only what they do not see (here, and ``_lora_bias``).
 
+def _check_dora_factor(m, weight_norm) -> torch.Tensor:
+    """PEFT's ``dora_factor = magnitude / weight_norm`` (fp32, length out), refused unless finite.
 
-# ----------------------------------------------------------------------------- safe merge
-
-@torch.no_grad()
-def _merged_finite(W, A, B, scale, fan_in_fan_out, factor=None) -> bool:
-    """Whether ``factor * (W + scale B A)`` rounds to finite values in W's dtype.
-
-    Reads W in row chunks (fp32 chunk temporaries bounded like ``torch_path``); one sync.
+    The DoRA ops refuse a zero norm only as a plain ValueError; here it is a
+    ``NonFiniteError`` like every other non-finite input, and the safe dry run needs it.
     """
-    X, Y = (A.T, B.T) if fan_in_fan_out else (B, A)
-    Yf = Y.float()
-    step = torch_path.chunk_rows(W)
-    ok = torch.ones((), dtype=torch.bool, device=W.device)
-    for r0 in range(0, W.shape[0], step):
-        r1 = min(W.shape[0], r0 + step)
-        v = W[r0:r1].to(torch.float32, copy=True)
-        v.addmm_(X[r0:r1].float(), Yf, alpha=scale)
-        if factor is not None:
-            v.mul_(factor.view(1, -1) if fan_in_fan_out else factor[r0:r1].view(-1, 1))
-        ok &= torch.isfinite(v.to(W.dtype)).all()
-    return bool(ok)
+    factor = m.float() / weight_norm.float()
+    v.check_finite(**{"magnitude / weight_norm": factor})
+    return factor
+
+
+def _check_merged(W, A, B, scale, fan_in_fan_out, post=None) -> None:
+    """Safe merge's dry run: refuse unless ``post * (W + scale B A)`` is finite in W's dtype.
+
+    W is only read, in the torch path's row chunks (``torch_path.merged_finite``).
+    """
+    if not torch_path.merged_finite(W, A, B, scale=scale, fan_in_fan_out=fan_in_fan_out,
+                                    post=post):
+        raise v.NonFiniteError("the merged weight has NaN or Inf in its dtype")
 
 
 # ----------------------------------------------------------------------------- merging
@@ -157,67 +158,64 @@ def _parts(layer, adapter):
 
 
 def _lora_bias(layer, adapter):
-    """``s * lora_B.bias`` when the adapter has one (the base layer must have a bias)."""
+    """``s * lora_B.bias`` when the adapter has one (the base layer must have a bias),
+    refused (``NonFiniteError``) unless finite; the ops never see it."""
     if not layer.lora_bias.get(adapter, False):
         return None
     if getattr(layer.get_base_layer(), "bias", None) is None:
         raise RuntimeError(
             "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-    return layer.lora_B[adapter].bias.detach() * layer.scaling[adapter]
+    bias_delta = layer.lora_B[adapter].bias.detach() * layer.scaling[adapter]
+    v.check_finite(lora_bias=bias_delta)
+    return bias_delta
 
 
-def _merge_lora(layer, adapter, safe_merge) -> bool:
-    """Merge a plain LoRA adapter; False (nothing written) when PEFT's code must do it."""
+def _merge_lora(layer, adapter, safe_merge) -> None:
+    """``W += s B A`` and ``bias += s lora_B.bias`` in place; non-finite input raises
+    ``NonFiniteError`` before anything is written."""
     W, A, B, s, fifo = _parts(layer, adapter)
     bias_delta = _lora_bias(layer, adapter)
-    base_bias = getattr(layer.get_base_layer(), "bias", None)
-    checked = [A, B] + ([bias_delta] if bias_delta is not None else [])
-    if not _all_finite(*checked):
-        if safe_merge:
-            raise _nan_error(adapter)
-        return False
-    if safe_merge and not (_merged_finite(W, A, B, s, fifo) and (
-            bias_delta is None or _all_finite(base_bias.data + bias_delta))):
-        raise _nan_error(adapter)
+    if safe_merge:
+        _check_merged(W, A, B, s, fifo)
+        if bias_delta is not None:
+            v.check_finite(**{"bias + lora_bias": layer.get_base_layer().bias.data + bias_delta})
     ops.merge_(W, A, B, scale=s, fan_in_fan_out=fifo, backend=_STATE["backend"])
     if bias_delta is not None:
-        base_bias.data += bias_delta
-    return True
+        layer.get_base_layer().bias.data += bias_delta
 
 
-def _merge_dora(layer, adapter, safe_merge, weight_norm) -> bool:
-    """Merge a DoRA adapter with PEFT's ``weight_norm``; False when PEFT's code must do it."""
+def _merge_dora(layer, adapter, safe_merge, weight_norm) -> None:
+    """``W <- dora_factor (W + s B A)`` in place with PEFT's ``weight_norm`` (None: the norm
+    of ``W + s B A`` itself), cached for the unmerge; non-finite input raises
+    ``NonFiniteError`` before anything is written."""
     W, A, B, s, fifo = _parts(layer, adapter)
     m = layer.lora_magnitude_vector[adapter].weight.detach()
     backend = _STATE["backend"]
-    if not _all_finite(A, B, m):
-        if safe_merge:
-            raise _nan_error(adapter)
-        return False
     if weight_norm is None:
         weight_norm = dora_weight_norm(W, A, B, scale=s, fan_in_fan_out=fifo, backend=backend)
-    factor = m.float() / weight_norm
-    if not _all_finite(factor):
-        if safe_merge:
-            raise _nan_error(adapter)
-        return False
-    if safe_merge and not _merged_finite(W, A, B, s, fifo, factor):
-        raise _nan_error(adapter)
+    factor = _check_dora_factor(m, weight_norm)
+    if safe_merge:
+        _check_merged(W, A, B, s, fifo, factor)
     dora_merge_(W, A, B, m, scale=s, fan_in_fan_out=fifo, weight_norm=weight_norm,
                 backend=backend)
     layer._cache_store(f"{adapter}-weight_norm", weight_norm)
-    return True
 
 
 def _merge_one(layer, adapter, safe_merge, weight_norm=None) -> None:
-    if _is_dora(layer, adapter):
-        done = _merge_dora(layer, adapter, safe_merge, weight_norm)
-    else:
-        done = _merge_lora(layer, adapter, safe_merge)
-    if done:
+    """Merge one adapter on the fused ops. If they refuse it as non-finite (nothing was
+    written), a safe merge raises PEFT's error and an unsafe one is PEFT's own code (which
+    merges the NaNs)."""
+    try:
+        if _is_dora(layer, adapter):
+            _merge_dora(layer, adapter, safe_merge, weight_norm)
+        else:
+            _merge_lora(layer, adapter, safe_merge)
         layer.merged_adapters.append(adapter)
-    else:  # non-finite adapter in an unsafe merge: PEFT's own code merges it
-        _ORIGINAL["merge"](layer, safe_merge=False, adapter_names=[adapter])
+        return
+    except v.NonFiniteError as e:
+        if safe_merge:
+            raise _nan_error(adapter) from e
+    _ORIGINAL["merge"](layer, safe_merge=False, adapter_names=[adapter])
 
 
 def _merge_dora_after_others(layer, adapter, safe_merge) -> None:
@@ -231,42 +229,50 @@ def _merge_dora_after_others(layer, adapter, safe_merge) -> None:
     for name in [*previous, adapter]:
         if name in layer.lora_A and _is_dora(layer, name):
             _, A, B, s, fifo = _parts(layer, name)
-            if _all_finite(A, B):
+            try:
                 norms[name] = dora_weight_norm(W, A, B, scale=s, fan_in_fan_out=fifo,
                                                backend=_STATE["backend"])
+            except v.NonFiniteError:
+                pass  # no norm: _merge_one meets the same refusal and handles it
     for name in previous:  # as PEFT: names no longer in the layer are dropped
         if name in layer.lora_A:
             _merge_one(layer, name, safe_merge, norms.get(name))
     _merge_one(layer, adapter, safe_merge, norms.get(adapter))
 
 
-def _unmerge_one(layer, adapter) -> None:
+def _unmerge_fused(layer, adapter) -> None:
+    """PEFT's unmerge of one adapter in place (``W -= s B A``, DoRA:
+    ``W <- W / dora_factor - s B A`` with the cached norm); non-finite input raises
+    ``NonFiniteError`` before anything is written."""
     W, A, B, s, fifo = _parts(layer, adapter)
     backend = _STATE["backend"]
-    dora = _is_dora(layer, adapter)
-    m = layer.lora_magnitude_vector[adapter].weight.detach() if dora else None
-    key = f"{adapter}-weight_norm"
-    bias_delta = (layer.lora_B[adapter].bias.detach() * layer.scaling[adapter]
-                  if layer.lora_bias.get(adapter, False) else None)
-    checked = [A, B] + ([m] if dora else []) + ([bias_delta] if bias_delta is not None else [])
-    finite = _all_finite(*checked)
-    if dora and finite:
-        finite = _all_finite(m.float() / layer._caches[key].float())
-    if not finite:  # PEFT's own code, for this adapter alone
-        rest = list(layer.merged_adapters)
-        layer.merged_adapters[:] = [adapter]
-        try:
-            _ORIGINAL["unmerge"](layer)
-        finally:
-            layer.merged_adapters[:] = rest
-        return
-    if dora:
-        dora_unmerge_(W, A, B, m, layer._cache_pop(key), scale=s, fan_in_fan_out=fifo,
+    bias_delta = _lora_bias(layer, adapter)
+    if _is_dora(layer, adapter):
+        m = layer.lora_magnitude_vector[adapter].weight.detach()
+        key = f"{adapter}-weight_norm"
+        _check_dora_factor(m, layer._caches[key])
+        dora_unmerge_(W, A, B, m, layer._caches[key], scale=s, fan_in_fan_out=fifo,
                       backend=backend)
+        layer._cache_pop(key)
     else:
         ops.merge_(W, A, B, scale=-s, fan_in_fan_out=fifo, backend=backend)
     if bias_delta is not None:
         layer.get_base_layer().bias.data -= bias_delta
+
+
+def _unmerge_one(layer, adapter) -> None:
+    """Unmerge one adapter on the fused ops; one they refuse as non-finite (nothing was
+    written) is unmerged by PEFT's own code, for this adapter alone."""
+    try:
+        return _unmerge_fused(layer, adapter)
+    except v.NonFiniteError:
+        pass  # nothing was written
+    rest = list(layer.merged_adapters)
+    layer.merged_adapters[:] = [adapter]
+    try:
+        _ORIGINAL["unmerge"](layer)
+    finally:
+        layer.merged_adapters[:] = rest
 
 
 def _unmerge(layer) -> None:
@@ -306,17 +312,23 @@ def _unmerge_method(self) -> None:
 
 
 def _get_delta_weight(self, adapter) -> torch.Tensor:
-    """PEFT's ``Linear.get_delta_weight``, written by ``merge_`` into one zero tensor."""
+    """PEFT's ``Linear.get_delta_weight``, written by ``merge_`` into one zero tensor
+    (non-finite factors, which ``merge_`` refuses, go to PEFT's own method)."""
     A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
     differentiable = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
-    if (differentiable or A.dtype not in _FLOAT or B.dtype not in _FLOAT or A.device != B.device
-            or A.dim() != 2 or B.dim() != 2 or not _all_finite(A, B)):
+    if (differentiable or A.dtype not in v.FACTOR_DTYPES or B.dtype not in v.FACTOR_DTYPES
+            or A.device != B.device or A.dim() != 2 or B.dim() != 2):
         return _ORIGINAL["get_delta_weight"](self, adapter)
     out_f, in_f = B.shape[0], A.shape[1]
     shape = (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
-    delta = torch.zeros(shape, dtype=torch.promote_types(A.dtype, B.dtype), device=B.device)
-    return ops.merge_(delta, A.detach(), B.detach(), scale=float(self.scaling[adapter]),
-                      fan_in_fan_out=bool(self.fan_in_fan_out), backend=_STATE["backend"])
+    try:
+        return ops.merge_(
+            torch.zeros(shape, dtype=torch.promote_types(A.dtype, B.dtype), device=B.device),
+            A.detach(), B.detach(), scale=float(self.scaling[adapter]),
+            fan_in_fan_out=bool(self.fan_in_fan_out), backend=_STATE["backend"])
+    except v.NonFiniteError:
+        pass  # the zeros are freed before PEFT's method allocates its own
+    return _ORIGINAL["get_delta_weight"](self, adapter)
 
 
 _PATCHED = {"merge": _merge, "unmerge": _unmerge_method, "get_delta_weight": _get_delta_weight}
@@ -330,8 +342,7 @@ def patch_peft(*, backend=None) -> None:
     Idempotent; calling it again only changes ``backend`` (None: Triton on CUDA, the
     memory-lean torch path elsewhere; or "triton", "torch", "reference").
     """
-    from .validation import check_backend
-    check_backend(backend)
+    v.check_backend(backend)
     Linear = _linear_cls()
     _STATE["backend"] = backend
     if _ORIGINAL:

@@ -8,6 +8,7 @@ bf16/fp16 W is widened one chunk at a time. Noise words come from
 temporaries together take at most 1/8 of ``W.nbytes`` unless the 8-row minimum is larger
 (``tests/test_memory.py`` measures the peak). Results follow the same arithmetic contract as
 ``lorasc_fast.reference`` (fp32 math, one rounding to W's dtype; same random stream).
+``merged_finite`` walks W the same way, read-only (the dry run of PEFT's safe merge).
 """
 from __future__ import annotations
 
@@ -39,26 +40,31 @@ def chunk_rows(W: torch.Tensor, words: bool = True) -> int:
     return max(8, budget // cols // 8 * 8)
 
 
+def row_chunks(W: torch.Tensor, words: bool = True):
+    """The ``(r0, r1)`` row ranges of W's chunks, ``chunk_rows(W, words)`` rows each."""
+    rows, step = W.shape[0], chunk_rows(W, words)
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
 def _factors(A, B, fan_in_fan_out):
     """(X, Y) with W += scale * X @ Y."""
     return (A.T, B.T) if fan_in_fan_out else (B, A)
 
 
 def _apply(W, X, Y, scale, noise, seed, row_offset, rounding):
-    rows, cols = W.shape
+    cols = W.shape[1]
     Yf = Y.float() if Y is not None else None
     need_words = noise != 0.0 or (rounding == "stochastic" and W.dtype != torch.float32)
-    step = chunk_rows(W, need_words)
-    # one delta buffer for all chunks: fresh large allocations cost page faults every chunk
-    buf = None if X is None else torch.empty(min(step, rows), cols, dtype=torch.float32,
-                                             device=W.device)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
+    buf = None
+    for r0, r1 in row_chunks(W, need_words):
         Wc = W[r0:r1]
         # PEFT's order: (B @ A) * s in fp32, added to W (bit-identical to PEFT for fp32 W; an
         # in-place add into bf16/fp16 W computes in fp32 and rounds once)
         delta = None
         if X is not None:
+            if buf is None:  # the first chunk is the largest: one delta buffer for all chunks
+                buf = torch.empty(r1 - r0, cols, dtype=torch.float32, device=W.device)
             delta = torch.mm(X[r0:r1].float(), Yf, out=buf[:r1 - r0]).mul_(scale)
         if not need_words:  # a plain merge (or a zero-noise, nearest add_noise_: nothing to do)
             if delta is not None:
@@ -83,6 +89,26 @@ def merge_(W, A, B, *, scale, noise, seed, row_offset, rounding, fan_in_fan_out)
 
 def add_noise_(W, noise, *, seed, row_offset, rounding):
     return _apply(W, None, None, 1.0, noise, seed, row_offset, rounding)
+
+
+def merged_finite(W, A, B, *, scale, fan_in_fan_out, post=None) -> bool:
+    """Whether ``post * (W + scale * B @ A)``, formed in fp32 and rounded to W's dtype, is
+    finite everywhere; W is only read.
+
+    ``post``: an optional fp32 per-output-feature vector (a DoRA factor). Row chunks as in
+    a plain merge: the chunk's fp32 copy, its rounding and flags (<= 7 bytes an element)
+    stay within W.nbytes / 8. One host sync.
+    """
+    X, Y = _factors(A, B, fan_in_fan_out)
+    Yf = Y.float()
+    ok = torch.ones((), dtype=torch.bool, device=W.device)
+    for r0, r1 in row_chunks(W, words=False):
+        v = W[r0:r1].to(torch.float32, copy=True)
+        v.addmm_(X[r0:r1].float(), Yf, alpha=scale)
+        if post is not None:
+            v.mul_(post.view(1, -1) if fan_in_fan_out else post[r0:r1].view(-1, 1))
+        ok &= torch.isfinite(v.to(W.dtype)).all()
+    return bool(ok)
 
 
 def _ema_value(s, f, alpha):

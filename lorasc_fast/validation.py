@@ -1,7 +1,8 @@
 """Argument checks shared by the public ops; all run before anything is written.
 
 Every check raises with a message naming the argument, so a bad call leaves every
-tensor as it was. The finiteness checks read the factors (one device sync per call).
+tensor as it was. The finiteness checks read the factors (one device sync per call) and
+raise ``NonFiniteError``, a ``ValueError`` that callers can tell from a bad call.
 """
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ FACTOR_DTYPES = WEIGHT_DTYPES
 ROUNDINGS = ("nearest", "stochastic")
 BACKENDS = (None, "triton", "torch", "reference")
 SEED_LIMIT = 1 << 64
+
+
+class NonFiniteError(ValueError):
+    """An input holds NaN or Inf (``check_finite``); nothing was written."""
 
 
 def check_backend(backend) -> None:
@@ -105,6 +110,21 @@ def check_no_alias(target_name: str, target: torch.Tensor, **others) -> None:
                              f"{target_name} in place, so it must not overlap its inputs")
 
 
+def check_cascade_pairs(W, A_slow, B_slow, A_fast, B_fast) -> None:
+    """The fast factors of one cascade layer (the slow ones checked by ``ops._check_factors``):
+    float 2-D tensors shaped like their slow copies, all five tensors on one device, and
+    W, A_slow, B_slow (written in place) overlapping none of the others. Reads no values."""
+    for name, fast, slow in (("A_fast", A_fast, A_slow), ("B_fast", B_fast, B_slow)):
+        check_factor(name, fast)
+        if fast.shape != slow.shape:
+            raise ValueError(f"{name} is {tuple(fast.shape)} but its slow copy is "
+                             f"{tuple(slow.shape)}")
+    check_same_device(W=W, A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
+    check_no_alias("W", W, A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
+    check_no_alias("A_slow", A_slow, A_fast=A_fast, B_slow=B_slow, B_fast=B_fast)
+    check_no_alias("B_slow", B_slow, A_fast=A_fast, B_fast=B_fast)
+
+
 def check_finite(**tensors) -> None:
     """Which tensors hold NaN or Inf, by reductions that propagate both and need no
     temporaries, and one sync: on CUDA the max-norm of each, one fused multi-tensor launch
@@ -125,7 +145,7 @@ def check_finite(**tensors) -> None:
     flags = dict(zip(order, torch.cat(finite).cpu().tolist()))
     bad = [name for i, (name, _) in enumerate(named) if not flags[i]]
     if bad:
-        raise ValueError(f"non-finite values (NaN or Inf) in {', '.join(bad)}")
+        raise NonFiniteError(f"non-finite values (NaN or Inf) in {', '.join(bad)}")
 
 
 def check_scalar(name: str, value, *, low=None, high=None) -> float:

@@ -4,6 +4,8 @@ import torch
 
 import lorasc_fast as lf
 from lorasc_fast.batched import CascadeLayer, cascade_merge_many_
+from lorasc_fast.validation import NonFiniteError
+from helpers import clone_layers, snapshot, unchanged
 
 
 def _layers(gen, dtype=torch.bfloat16, fdtype=torch.float32, extra=()):
@@ -17,18 +19,13 @@ def _layers(gen, dtype=torch.bfloat16, fdtype=torch.float32, extra=()):
     return layers
 
 
-def _clone(layers):
-    return [CascadeLayer(*(t.clone() for t in (l.W, l.A_slow, l.B_slow, l.A_fast, l.B_fast)),
-                         scale=l.scale, seed=l.seed, fan_in_fan_out=l.fan_in_fan_out) for l in layers]
-
-
 @pytest.mark.parametrize("backend,dtype,fdtype", [
     ("triton", torch.bfloat16, torch.float32), ("triton", torch.float16, torch.bfloat16),
     ("triton", torch.float32, torch.float16), ("torch", torch.bfloat16, torch.float32)])
 def test_many_equals_per_layer(backend, dtype, fdtype, gen):
     """Several groups (storage kinds, layouts) in one grouped boundary."""
     layers = _layers(gen, dtype, fdtype, extra=[(50, 36, 12, False), (24, 40, 16, True)])
-    expected = _clone(layers)
+    expected = clone_layers(layers)
     stds = cascade_merge_many_(layers, alpha=0.7, noise_lambda=1.0, rounding="stochastic",
                                backend=backend)
     for layer, ref, std in zip(layers, expected, stds):
@@ -45,34 +42,30 @@ def test_many_equals_per_layer(backend, dtype, fdtype, gen):
 def test_many_rejects_before_writing(backend, gen):
     """A bad last layer is found before any layer is written, on every backend."""
     layers = _layers(gen)
-    before = _clone(layers)
-
-    def unchanged():
-        return all(torch.equal(getattr(l, f), getattr(b, f)) for l, b in zip(layers, before)
-                   for f in ("W", "A_slow", "B_slow"))
-
+    written = [t for layer in layers for t in (layer.W, layer.A_slow, layer.B_slow)]
+    before = snapshot(*written)
     layers[2].B_fast[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"layers\[2\].*NaN or Inf"):
+    with pytest.raises(NonFiniteError, match=r"layers\[2\].*NaN or Inf"):
         cascade_merge_many_(layers, alpha=0.5, noise_lambda=1.0, backend=backend)
-    assert unchanged()
+    assert unchanged(before, *written)
     layers[2].B_fast[0, 0] = 0.0
     bad_shape = CascadeLayer(torch.randn(3, 3), layers[0].A_slow, layers[0].B_slow,
                              layers[0].A_fast, layers[0].B_fast)
     with pytest.raises(ValueError, match=r"layers\[3\]: shape mismatch"):
         cascade_merge_many_(layers + [bad_shape], alpha=0.5)
-    assert unchanged()
+    assert unchanged(before, *written)
     twin = CascadeLayer(layers[0].W, *(t.clone() for t in (layers[0].A_slow, layers[0].B_slow,
                                                            layers[0].A_fast, layers[0].B_fast)))
     with pytest.raises(ValueError, match="share a weight"):
         cascade_merge_many_(layers + [twin], alpha=0.5)
-    assert unchanged()
+    assert unchanged(before, *written)
 
 
 def test_plan_reuse_across_boundaries(gen):
     """A plan built once serves later boundaries (new seeds, new alpha) like fresh calls."""
     from lorasc_fast.group_plan import CascadePlan
     layers = _layers(gen, extra=[(50, 36, 12, False)])
-    fresh = _clone(layers)
+    fresh = clone_layers(layers)
     plan = CascadePlan(layers, rounding="stochastic")
     for boundary, alpha in enumerate((0.8, 0.5)):
         for group in (layers, fresh):
@@ -100,8 +93,7 @@ def test_plan_follows_a_changed_scale_or_offset(gen):
     layers[2].row_offset = 7
     assert not plan.matches(layers)
     layers[0].scale = 5.0
-    fresh = _clone(layers)
-    fresh[2].row_offset = 7
+    fresh = clone_layers(layers)  # with layers[2].row_offset = 7
     a = cascade_merge_many_(layers, alpha=0.5, noise_lambda=1.0, backend="triton", plan=plan)
     b = cascade_merge_many_(fresh, alpha=0.5, noise_lambda=1.0, backend="triton")
     assert torch.equal(a, b) and all(torch.equal(x.W, y.W) for x, y in zip(layers, fresh))
@@ -111,7 +103,7 @@ def test_large_rank_takes_the_per_layer_path(gen):
     from lorasc_fast.group_plan import eligible
     layers = _layers(gen, extra=[(50, 36, 20, False)])
     assert not eligible(layers) and eligible(layers[:3])
-    expected = _clone(layers)
+    expected = clone_layers(layers)
     cascade_merge_many_(layers, alpha=0.5, noise_lambda=1.0, backend="triton")
     for ref in expected:
         lf.cascade_merge_(ref.W, ref.A_slow, ref.B_slow, ref.A_fast, ref.B_fast, alpha=0.5,

@@ -20,14 +20,13 @@ from lorasc_fast.checkpoint_errors import MergeError
 from lorasc_fast.checkpoint_plan import resolve_names, tensor_seed
 from lorasc_fast.checkpoint_safetensors import read_header
 from lorasc_fast.cli import main as cli_main
-from helpers import fp32_error_bound
+from helpers import DEVICE, fp32_error_bound, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 PFX = "base_model.model."
-# LORASC_TEST_GPU=1 merges on CUDA (Triton kernels); PEFT's side stays on the CPU
-DEVICE = "cuda" if os.environ.get("LORASC_TEST_GPU") == "1" else "cpu"
+# the merges run on helpers.DEVICE (CUDA, Triton kernels, with LORASC_TEST_GPU=1); PEFT's on the CPU
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -45,7 +44,7 @@ def merge(base, adapter, out, block_mib=None, **kw):
     if block_mib is not None:
         kw["block_mib"] = block_mib
     kw.setdefault("progress", False)
-    kw.setdefault("device", DEVICE)
+    kw.setdefault("device", DEVICE.type)
     return cm.merge_checkpoint(base, adapter, out, **kw)
 
 
@@ -56,10 +55,8 @@ def ulp(x: torch.Tensor) -> torch.Tensor:
 
 
 def llama(dtype=torch.float32, **over):
-    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    cfg.update(over)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(dtype)
+    return tiny_llama(**{**dict(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                tie_word_embeddings=False), **over}).to(dtype)
 
 
 def gpt2(dtype=torch.float32):
@@ -136,7 +133,7 @@ def assert_close_to_peft(out: Path, ref: Path, base: Path, adapter: Path, layers
         bound = fp32_error_bound(base_t[name], a, b, scaling, 0.0, transposed)
         if dora:
             bound = 2 * bound + (8 if t.dtype == torch.float32 else 1) * ulp(p)
-        elif t.dtype == torch.float32 and DEVICE == "cpu":
+        elif t.dtype == torch.float32 and DEVICE.type == "cpu":
             assert torch.equal(t, p), name
         else:
             bound = bound + ulp(p)
@@ -270,7 +267,7 @@ def assert_same_merge(x: torch.Tensor, y: torch.Tensor, name: str):
     """Merging in row blocks (``row_offset``) gives what merging the whole tensor gives: bit
     for bit on the torch path; on CUDA the Triton launch configuration follows the block's
     shape, which may move an fp32 result by one ulp (and so, rarely, a rounding to bf16)."""
-    if DEVICE == "cpu":
+    if DEVICE.type == "cpu":
         assert torch.equal(x, y), name
     else:
         assert ((x.double() - y.double()).abs() <= 2 * ulp(y)).all(), name
@@ -492,7 +489,7 @@ def test_overwrite_replaces_out(tmp_path, gen):
     out.mkdir()
     (out / "stale.txt").write_text("old")
     rc = cli_main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(out),
-                   "--no-progress", "--overwrite", "--device", DEVICE])
+                   "--no-progress", "--overwrite", "--device", DEVICE.type])
     assert rc == 0
     assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").is_file()
     assert leftovers(tmp_path) == []
@@ -531,7 +528,7 @@ def test_interrupted_merge_leaves_no_out(tmp_path, gen, monkeypatch, exc, existi
 def test_single_file_output_loads_with_safetensors(tmp_path, gen):
     base, adapter, _, _ = peft_pair(tmp_path, gen, llama, LLAMA_CASES["lora"])
     rc = cli_main(["merge", str(base), str(adapter), str(tmp_path / "out"), "--no-progress",
-                   "--device", DEVICE, "--dtype", "float16"])
+                   "--device", DEVICE.type, "--dtype", "float16"])
     assert rc == 0
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert f.metadata()["lorasc_merge.dtype"] == "float16"

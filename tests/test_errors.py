@@ -3,17 +3,10 @@ import pytest
 import torch
 
 import lorasc_fast as lf
+from lorasc_fast.validation import NonFiniteError
+from helpers import snapshot, unchanged
 
 BACKENDS = ["triton", "torch", "reference"]
-
-
-def _snapshot(*ts):
-    return [t.clone() for t in ts]
-
-
-def _unchanged(before, *ts):
-    return all(torch.equal(b, t) or (b.isnan() == t.isnan()).all() and
-               torch.equal(b.nan_to_num(), t.nan_to_num()) for b, t in zip(before, ts))
 
 
 @pytest.fixture
@@ -30,11 +23,11 @@ CASES = [
     ("fif shape", lambda W, A, B: dict(fan_in_fan_out=True), ValueError, "fan_in_fan_out"),
     ("device", lambda W, A, B: dict(A=torch.empty(3, 12, device="meta")), ValueError, "one device"),
     ("nan A", lambda W, A, B: dict(A=A.clone().index_fill_(1, torch.tensor([5]), float("nan"))),
-     ValueError, "NaN or Inf"),
+     NonFiniteError, "NaN or Inf"),
     ("inf B", lambda W, A, B: dict(B=B.clone().index_fill_(0, torch.tensor([2]), float("inf"))),
-     ValueError, "NaN or Inf"),
+     NonFiniteError, "NaN or Inf"),
     ("-inf A", lambda W, A, B: dict(A=A.clone().index_fill_(1, torch.tensor([0]), float("-inf"))),
-     ValueError, "NaN or Inf"),
+     NonFiniteError, "NaN or Inf"),
     ("alias", lambda W, A, B: dict(A=W[:3]), ValueError, "shares memory"),
     ("rounding", lambda W, A, B: dict(rounding="up"), ValueError, "unknown rounding"),
     ("backend", lambda W, A, B: dict(backend="cuda"), ValueError, "unknown backend"),
@@ -53,10 +46,10 @@ def test_merge_rejects(backend, name, change, exc, message, layer):
     W, A, B = layer
     kw = dict(A=A, B=B, backend=backend)
     kw.update(change(W, A, B))
-    before = _snapshot(W, A, B)
+    before = snapshot(W, A, B)
     with pytest.raises(exc, match=message):
         lf.merge_(W, kw.pop("A"), kw.pop("B"), noise=kw.pop("noise", 0.5), **kw)
-    assert _unchanged(before, W, A, B)
+    assert unchanged(before, W, A, B)
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.float64])
@@ -84,15 +77,15 @@ def test_cascade_rejects_before_writing(backend, gen):
     A_s, A_f = torch.randn(3, 12, generator=gen), torch.randn(3, 12, generator=gen)
     B_s, B_f = torch.randn(20, 3, generator=gen), torch.randn(20, 3, generator=gen)
     tensors = (W, A_s, B_s, A_f, B_f)
-    before = _snapshot(*tensors)
+    before = snapshot(*tensors)
     bad_calls = [
         (dict(alpha=1.5), ValueError, "alpha must be <= 1"),
         (dict(alpha=-0.1), ValueError, "alpha must be >= 0"),
         (dict(alpha=0.5, noise_lambda=-1.0), ValueError, "noise_lambda must be >= 0"),
         (dict(alpha=0.5, A_fast=torch.randn(3, 11)), ValueError, "A_fast is"),
         (dict(alpha=0.5, A_fast=A_s), ValueError, "shares memory"),
-        (dict(alpha=0.5, B_fast=B_f.clone().fill_(float("nan"))), ValueError, "NaN or Inf"),
-        (dict(alpha=1.0, A_fast=A_f.clone().fill_(float("inf"))), ValueError, "NaN or Inf"),
+        (dict(alpha=0.5, B_fast=B_f.clone().fill_(float("nan"))), NonFiniteError, "NaN or Inf"),
+        (dict(alpha=1.0, A_fast=A_f.clone().fill_(float("inf"))), NonFiniteError, "NaN or Inf"),
         # factors whose product overflows fp32: the std is not finite
         (dict(alpha=0.5, A_fast=torch.randn(3, 12, generator=gen) * 1e20,
               B_fast=torch.randn(20, 3, generator=gen) * 1e20), ValueError, "std"),
@@ -102,12 +95,12 @@ def test_cascade_rejects_before_writing(backend, gen):
         kw.update(change)
         with pytest.raises(exc, match=message):
             lf.cascade_merge_(W, A_s, B_s, kw.pop("A_fast"), kw.pop("B_fast"), **kw)
-        assert _unchanged(before, *tensors)
+        assert unchanged(before, *tensors)
 
 
 def test_ema_rejects(gen):
     s = [torch.randn(3, 4, generator=gen)]
-    before = s[0].clone()
+    before = snapshot(*s)
     with pytest.raises(ValueError, match="1 slow and 2 fast"):
         lf.ema_(s, [torch.randn(3, 4), torch.randn(3, 4)], 0.5)
     with pytest.raises(ValueError, match="slow\\[0\\] is \\(3, 4\\) but fast\\[0\\] is \\(4, 3\\)"):
@@ -118,7 +111,7 @@ def test_ema_rejects(gen):
         lf.ema_(s, [torch.full((3, 4), float("inf"))], 0.5)
     with pytest.raises(ValueError, match="NaN or Inf\\) in fast\\[0\\]"):  # -inf alone
         lf.ema_(s, [torch.ones(3, 4).index_fill_(1, torch.tensor([2]), float("-inf"))], 0.5)
-    assert torch.equal(s[0], before)
+    assert unchanged(before, *s)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -129,10 +122,10 @@ def test_ema_rejects_non_finite_without_writing(backend, bad, gen):
     slow = [torch.randn(5, 7, generator=gen) for _ in range(3)] + [torch.randn(7, 5, generator=gen).T]
     fast = [torch.randn(5, 7, generator=gen) for _ in range(4)]
     fast[bad][2, 3] = float("nan")
-    before = [t.clone() for t in slow]
+    before = snapshot(*slow)
     with pytest.raises(ValueError, match=f"NaN or Inf\\) in fast\\[{bad}\\]"):
         lf.ema_(slow, fast, 0.5, backend=backend)
-    assert all(torch.equal(b, t) for b, t in zip(before, slow))
+    assert unchanged(before, *slow)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from lorasc_fast import triton_path
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from helpers import DTYPES
 
 
 def _flag(tensors):

@@ -1,15 +1,14 @@
 """The torch path's memory bound: no temporary near the size of W (peak RSS in a subprocess)."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from helpers import run_probe
+
 PROBE = textwrap.dedent("""
     import json, resource, sys, torch
     import lorasc_fast as lf
+    from lorasc_fast import torch_path
     torch.set_num_threads(1)
     dtype = getattr(torch, sys.argv[1])
     rounding = sys.argv[2]
@@ -20,6 +19,7 @@ PROBE = textwrap.dedent("""
     lf.merge_(W, A, B, scale=2.0, backend="torch")  # a plain merge: the fp32 delta chunks
     lf.merge_(W, A, B, scale=2.0, noise=0.1, seed=1, rounding=rounding, backend="torch")
     lf.cascade_merge_(W, A.clone(), B.clone(), A, B, alpha=0.8, noise_lambda=1.0, backend="torch")
+    assert torch_path.merged_finite(W, A, B, scale=2.0, fan_in_fan_out=False)  # a read-only pass
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"extra_bytes": (after - before) * 1024, "w_bytes": W.nbytes}))
 """)
@@ -27,10 +27,5 @@ PROBE = textwrap.dedent("""
 
 @pytest.mark.parametrize("dtype,rounding", [("float32", "nearest"), ("bfloat16", "stochastic")])
 def test_torch_path_peak_memory(dtype, rounding):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    res = subprocess.run([sys.executable, "-c", PROBE, dtype, rounding], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_probe(PROBE, dtype, rounding)
     assert out["extra_bytes"] <= out["w_bytes"] / 8, out

@@ -5,31 +5,25 @@ with the patch, and the merged weights and outputs are compared: tiny Llama (Lin
 GPT-2 (Conv1D, fan_in_fan_out) and BERT (biases) with LoRA, rsLoRA, DoRA, lora_bias
 and two adapters.
 """
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from lorasc_fast import dora, peft_patch, triton_path
-from test_dora import assert_ulps
+from lorasc_fast.validation import NonFiniteError
+from helpers import DEVICE, assert_ulps, run_probe, snapshot, tiny_llama, unchanged
 
 METHODS = ("merge", "unmerge", "get_delta_weight")
 ORIGINAL = {name: Linear.__dict__[name] for name in METHODS}
-DEVICE = torch.device("cuda" if os.environ.get("LORASC_TEST_GPU") == "1" else "cpu")
 
 MODELS = {
-    "llama": (lambda: LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)),
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "llama": (tiny_llama,
+              ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(
         vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
         ["c_attn", "c_proj", "c_fc"]),
@@ -186,6 +180,10 @@ def _poison(model, kind, what):
     with torch.no_grad():
         if what == "magnitude":
             layer.lora_magnitude_vector["a0"].weight[2] = float("inf")
+        elif what == "zero_norm":  # output feature 2 of W + s B A is zero: dora_factor = m / 0
+            W = layer.base_layer.weight
+            (W[:, 2] if kind == "gpt2" else W[2]).zero_()
+            layer.lora_B["a0"].weight[2] = 0.0
         else:
             layer.lora_B["a0"].weight[3, 1] = float("nan")
     return layer
@@ -193,15 +191,17 @@ def _poison(model, kind, what):
 
 @pytest.mark.parametrize("kind,adapters,what", [
     ("llama", ({},), "lora_B"), ("gpt2", ({"use_dora": True},), "lora_B"),
-    ("llama", ({"use_dora": True},), "magnitude")])
+    ("llama", ({"use_dora": True},), "magnitude"), ("gpt2", ({"use_dora": True},), "zero_norm")])
 def test_safe_merge_refuses_non_finite_and_leaves_layer_unchanged(unpatched, kind, adapters, what):
     peft_patch.patch_peft()
     model = build(kind, adapters)
     layer = _poison(model, kind, what)
-    before = layer.base_layer.weight.detach().clone()
-    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter a0"):
+    before = snapshot(layer.base_layer.weight)
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter a0") \
+            as refused:
         model.merge_adapter(safe_merge=True)
-    assert torch.equal(layer.base_layer.weight, before)
+    assert isinstance(refused.value.__cause__, NonFiniteError)  # which input, in its message
+    assert unchanged(before, layer.base_layer.weight)
     assert layer.merged_adapters == []
 
 
@@ -213,21 +213,46 @@ def test_safe_merge_refuses_overflow_with_finite_factors(unpatched):
     with torch.no_grad():
         layer.lora_B["a0"].weight.fill_(300.0)
         layer.lora_A["a0"].weight.fill_(100.0)
-    before = layer.base_layer.weight.detach().clone()
+    before = snapshot(layer.base_layer.weight)
     with pytest.raises(ValueError, match="NaNs detected"):
         layer.merge(safe_merge=True)
-    assert torch.equal(layer.base_layer.weight, before) and layer.merged_adapters == []
+    assert unchanged(before, layer.base_layer.weight) and layer.merged_adapters == []
 
 
-@pytest.mark.parametrize("adapters", [({},), ({"use_dora": True},)])
-def test_unsafe_merge_of_broken_adapter_matches_peft(unpatched, adapters):
+@pytest.mark.parametrize("fifo", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dry_run_reads_every_chunk(gen, fifo, dtype):
+    """The safe merge's read-only pass (``torch_path.merged_finite``) over W's row chunks:
+    ``post * (W + s B A)`` rounded to W's dtype, non-finite in the last chunk only."""
+    from lorasc_fast import torch_path
+    out_f, in_f = 70, 44
+    W = torch.randn((in_f, out_f) if fifo else (out_f, in_f), generator=gen).to(dtype)
+    A, B = torch.randn(3, in_f, generator=gen), 0.01 * torch.randn(out_f, 3, generator=gen)
+    assert torch_path.chunk_rows(W, words=False) * 4 < W.shape[0]
+    W[-1, -1] = torch.finfo(dtype).max  # output feature out_f - 1 in both layouts
+    post = torch.ones(out_f)
+    before = snapshot(W)
+
+    def finite(A=A, post=None):
+        return torch_path.merged_finite(W, A, B, scale=0.5, fan_in_fan_out=fifo, post=post)
+
+    assert finite() and finite(post=post)
+    post[-1] = 2.0
+    assert not finite(post=post)
+    assert not finite(A=A.clone().index_fill_(1, torch.tensor([in_f - 1]), float("nan")))
+    assert unchanged(before, W)
+
+
+@pytest.mark.parametrize("adapters,what", [(({},), "lora_B"), (({"use_dora": True},), "lora_B"),
+                                           (({"use_dora": True},), "zero_norm")])
+def test_unsafe_merge_of_broken_adapter_matches_peft(unpatched, adapters, what):
     """Without safe_merge PEFT merges the NaNs; the patch hands such adapters to PEFT."""
     weights = []
     for patched in (False, True):
         if patched:
             peft_patch.patch_peft()
         model = build("llama", adapters)
-        layer = _poison(model, "llama", "lora_B")
+        layer = _poison(model, "llama", what)
         model.merge_adapter()
         assert layer.merged_adapters == ["a0"]
         weights.append(base_weights(model))
@@ -383,14 +408,7 @@ PROBE = textwrap.dedent("""
 def test_merge_has_no_weight_sized_temporaries():
     """Peak RSS over each merge/unmerge of a 4096 x 4096 fp32 layer (64 MiB), in a fresh
     process: PEFT's own code allocates several W-sized tensors, the patch none."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    res = {}
-    for mode in ("unpatched", "patched"):
-        run = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True,
-                             text=True, timeout=600)
-        assert run.returncode == 0, run.stderr
-        res[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+    res = {mode: run_probe(PROBE, mode) for mode in ("unpatched", "patched")}
     w = res["patched"].pop("w_bytes")
     for key, extra in res["patched"].items():
         assert extra <= w / 8, (key, res)

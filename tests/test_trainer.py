@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lorasc_fast import LoRASCCallback, cascade_schedule
 from lorasc_fast.trainer import STATE_NAME
+from helpers import tiny_llama
 
 LR = 1e-2
 N_EXAMPLES, BATCH, EPOCHS = 8, 2, 2  # 4 optimizer steps per epoch, 8 in all
@@ -30,9 +30,7 @@ class Tokens(torch.utils.data.Dataset):
 
 def tiny_model():
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    base = tiny_llama()
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
                         modules_to_save=["lm_head"], task_type="CAUSAL_LM")
     return get_peft_model(base, config)
