@@ -76,17 +76,25 @@ def stream_words(seed, rows, col0, cols, ncols, ALIGNED4: tl.constexpr):
 
 
 @triton.jit
-def noise_from_words(w, noise_scaled):
-    """fp32 ``noise * (U - 0.5)`` with ``U = ((w >> 16) + 0.5) / 2**16``.
+def centred_from_words(w):
+    """fp32 ``hi - 32767.5`` (exact) with ``hi = w >> 16``, so ``U - 0.5 = centred / 2**16``.
 
-    ``noise_scaled`` is ``noise / 2**16``; since that scaling is exact, the product
-    equals ``((hi - 32767.5) / 2**16) * noise`` bit for bit (``lorasc_fast.stream``).
     ``hi`` becomes a float without an int -> float conversion: its 16 bits are placed at
     the top of the mantissa of 2**16 (``2**16 + hi`` exactly), and subtracting
     ``2**16 + 32767.5`` is exact, so the value is the same as ``hi.to(float32) - 32767.5``.
     """
     f = (((w >> 9) & 0x007FFF80) | 0x47800000).to(tl.float32, bitcast=True)
-    return (f - 98303.5) * noise_scaled
+    return f - 98303.5
+
+
+@triton.jit
+def noise_from_words(w, noise_scaled):
+    """fp32 ``noise * (U - 0.5)`` with ``U = ((w >> 16) + 0.5) / 2**16``.
+
+    ``noise_scaled`` is ``noise / 2**16``; since that scaling is exact, the product
+    equals ``((hi - 32767.5) / 2**16) * noise`` bit for bit (``lorasc_fast.stream``).
+    """
+    return centred_from_words(w) * noise_scaled
 
 
 @triton.jit

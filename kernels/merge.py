@@ -9,7 +9,10 @@ and Y's panel with ``tl.dot`` (K zero-padded to R_PAD >= 16, 3xTF32 on pre-split
 ``common.dot_3xtf32``: fp32-accurate; tensor cores instead of R FMAs per element, which
 measured 2-5x slower on the H200; Y's split is done once per program),
 the noise from the library's Philox stream (one Philox call per four elements),
-rounding to W's dtype (nearest-even or stochastic) and the store.
+rounding to W's dtype (nearest-even or stochastic) and the store. With the product, both
+additions are explicit FMAs (``W + s * XY``, then ``+ noise``): one rounding each, the same
+in every tile shape (left to the compiler, the contraction of a separate multiply and add
+differed between tile shapes on the H200, and so did the rounded results).
 
 With ``EVEN`` (the tile shape divides W and the row programs divide the row blocks, so
 no step of any walk is out of bounds) the W tiles are neither masked nor padded: no
@@ -22,8 +25,8 @@ memory: none. ``HAS_DELTA=False`` is the noise-only op ``add_noise_``.
 import triton
 import triton.language as tl
 
-from .common import (dot_3xtf32, load_f32, load_f32_unmasked, noise_from_words, split_tf32,
-                     store_rounded, stream_words)
+from .common import (centred_from_words, dot_3xtf32, load_f32, load_f32_unmasked,
+                     noise_from_words, split_tf32, store_rounded, stream_words)
 
 
 @triton.jit
@@ -60,12 +63,14 @@ def merge_panel(
             x = tl.load(X + rows64[:, None] * stride_xm + k[None, :] * stride_xk,
                         mask=row_ok[:, None] & (k[None, :] < R), other=0.0).to(tl.float32)
             x_hi, x_lo = split_tf32(x)
-            v = v + dot_3xtf32(x_hi, x_lo, y_hi, y_lo) * scale
+            v = tl.fma(dot_3xtf32(x_hi, x_lo, y_hi, y_lo), scale, v)
         if HAS_NOISE or STOCHASTIC:
             words = stream_words(seed, row_offset + rows64, col0, cols, N, ALIGNED4)
         else:
             words = 0  # not read: nearest rounding, no noise
-        if HAS_NOISE:
+        if HAS_NOISE and HAS_DELTA:
+            v = tl.fma(centred_from_words(words), noise_scaled, v)
+        elif HAS_NOISE:  # add_noise_: W + noise, two roundings as in the spec
             v = v + noise_from_words(words, noise_scaled)
         store_rounded(w_ptrs, v, mask, words, W_KIND, STOCHASTIC)
 

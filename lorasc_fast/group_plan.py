@@ -185,11 +185,11 @@ class CascadePlan:
         signed = [s - (1 << 64) if s >= 1 << 63 else s for s in seeds]
         self.seeds.copy_(torch.tensor(signed, dtype=torch.int64))
         self.flag.zero_()
-        block = 128 if self.device.type == "cuda" else 64
         for m in self.moment_launches:
             cg.gram_group_kernel[(m["programs"],)](
                 m["table"], m["offsets"], self.ws, float(alpha), NF=len(cg.GRAM_FIELDS),
-                L_PAD=len(m["offsets"]), BLOCK=block, **m["kinds"])
+                L_PAD=len(m["offsets"]), BLOCK=tp.moment_block(m["kinds"]["R_PAD"], self.device),
+                **m["kinds"])
             cg.moments_group_kernel[(m["layers"],)](m["table"], m["scales"], self.ws, self.stds,
                                                     self.flag, NF=len(cg.GRAM_FIELDS),
                                                     R_PAD=m["kinds"]["R_PAD"])

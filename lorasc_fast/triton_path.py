@@ -161,13 +161,18 @@ def moment_splits(IN: int, OUT: int, max_parts: int, device: torch.device) -> tu
     return max(1, min(cap, -(-IN // chunk))), max(1, min(cap, -(-OUT // chunk)))
 
 
+def moment_block(r_pad: int, device: torch.device) -> int:
+    """Rows per step of a Gram partial: the 3xTF32 operands take ``32 * r_pad * block``
+    bytes of shared memory, so 64 KiB at any rank on the GPU (128 rows at r <= 16)."""
+    return max(16, 2048 // r_pad) if device.type == "cuda" else 64
+
+
 def moments(A, B, scale, *, ema=None) -> torch.Tensor:
     """``[mean, std]`` (fp32, on the device) of ``scale * B @ A``; ``ema=(A_f, B_f, alpha)``."""
     _, mom, _, _ = _kernels()
     R, IN = A.shape
     OUT = B.shape[0]
     R_PAD = _pow2_at_least(R, 16)
-    block = 64 if A.device.type != "cuda" else 128
     slots = max(2, (1 << 16) // (R_PAD * R_PAD + R_PAD))  # workspace <= 256 KiB
     split_a, split_b = moment_splits(IN, OUT, slots // 2, A.device)
     chunk_a = -(-IN // split_a)
@@ -184,7 +189,8 @@ def moments(A, B, scale, *, ema=None) -> torch.Tensor:
         B.stride(0), B.stride(1), B_f.stride(0), B_f.stride(1),
         float(alpha), split_a, chunk_a, chunk_b,
         EMA=ema is not None, A_KIND=STORAGE_KIND[A.dtype], AF_KIND=STORAGE_KIND[A_f.dtype],
-        B_KIND=STORAGE_KIND[B.dtype], BF_KIND=STORAGE_KIND[B_f.dtype], R_PAD=R_PAD, BLOCK=block,
+        B_KIND=STORAGE_KIND[B.dtype], BF_KIND=STORAGE_KIND[B_f.dtype], R_PAD=R_PAD,
+        BLOCK=moment_block(R_PAD, A.device),
     )
     out = torch.empty(2, dtype=torch.float32, device=A.device)
     mom.moments_finalize_kernel[(1,)](ws, out, split_a, split_b, OUT * IN, float(scale),
