@@ -48,7 +48,7 @@ def compile_merge(r, block_m, block_n, warps, stages, *, noise, stochastic, w_ki
                scale="fp32", noise_scaled="fp32")
     const = dict(stride_wn=1, stride_xk=1, stride_yn=1, R=r, R_PAD=max(16, triton.next_power_of_2(r)),
                  HAS_DELTA=True, HAS_NOISE=noise, STOCHASTIC=stochastic, W_KIND=w_kind,
-                 ALIGNED4=True, EVEN=True, HAS_FLAG=False, BLOCK_M=block_m, BLOCK_N=block_n,
+                 ALIGNED8=True, EVEN=True, HAS_FLAG=False, BLOCK_M=block_m, BLOCK_N=block_n,
                  NUM_STAGES=stages)
     sig.update({k: "constexpr" for k in const})
     aligned = ["W", "X", "Y", "FLAG", "M", "N", "stride_wm", "stride_xm", "stride_yk"]

@@ -15,16 +15,16 @@ import triton
 
 from lorasc_fast import bench, triton_path
 
-CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM (round 7: 64-row tiles, wgmma)
-    (16, 256, 4, 4, 8), (32, 256, 4, 3, 4), (64, 128, 4, 3, 2), (64, 128, 8, 3, 2),
-    (64, 256, 8, 3, 1), (128, 128, 8, 3, 1),
+CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM (round 9: per-8 stream, 64-row tiles)
+    (64, 128, 4, 3, 2), (64, 128, 4, 4, 2), (64, 128, 4, 3, 3), (64, 64, 4, 3, 4),
+    (32, 256, 4, 3, 4), (128, 128, 8, 3, 1), (16, 256, 4, 4, 8),
 ]
 CANDIDATES_R64 = [  # round 8: around round 7's best, (64, 64, 4, 3, 3)
     (64, 64, 4, 3, 3), (64, 64, 4, 4, 3), (64, 64, 4, 2, 4), (64, 64, 8, 3, 2),
     (128, 64, 4, 3, 2), (128, 64, 8, 3, 1), (32, 64, 4, 3, 6), (16, 128, 4, 3, 6)]
 
 
-def time_merge(rot, A, B, cand, *, noise, stochastic, has_delta=True, aligned4=True):
+def time_merge(rot, A, B, cand, *, noise, stochastic, has_delta=True, aligned8=True):
     bm, bn, warps, stages, pps = cand
     orig = triton_path.merge_config
     triton_path.merge_config = lambda *a: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
@@ -33,7 +33,7 @@ def time_merge(rot, A, B, cand, *, noise, stochastic, has_delta=True, aligned4=T
     def run():
         triton_path.launch_merge(rot.next(), B, A, scale=2.0, noise=noise, seed=1234,
                                  row_offset=0, rounding="stochastic" if stochastic else "nearest",
-                                 has_delta=has_delta, programs_per_sm=pps, aligned4=aligned4)
+                                 has_delta=has_delta, programs_per_sm=pps, aligned8=aligned8)
     try:
         run()
         return bench._median_ms(run, cuda=True)
@@ -53,9 +53,9 @@ def where_the_time_goes(record, M, N):
     record(A, B, 16, "merge/masked", cand, noise=0.0, stochastic=False)
     record(A, B, 16, "noise/masked", cand, noise=0.1, stochastic=False)
     triton_path.walk = walk
-    record(A, B, 16, "noise/per-elem", cand, noise=0.1, stochastic=False, aligned4=False)
+    record(A, B, 16, "noise/per-elem", cand, noise=0.1, stochastic=False, aligned8=False)
     record(A, B, 16, "noise-only/per-elem", cand, noise=0.1, stochastic=False, has_delta=False,
-           aligned4=False)
+           aligned8=False)
 
 
 def main():

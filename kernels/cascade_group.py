@@ -72,7 +72,7 @@ def merge_group_kernel(
     LAYERS, OFFSETS, SCALES, STD, SEEDS, FLAG, noise_lambda_scaled,
     NF: tl.constexpr, L_PAD: tl.constexpr, R_PAD: tl.constexpr,
     HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr, W_KIND: tl.constexpr,
-    X_KIND: tl.constexpr, Y_KIND: tl.constexpr, ALIGNED4: tl.constexpr,
+    X_KIND: tl.constexpr, Y_KIND: tl.constexpr, ALIGNED8: tl.constexpr,
     FAN_IN_FAN_OUT: tl.constexpr, ALIGNED16: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -105,5 +105,5 @@ def merge_group_kernel(
                     tl.load(SCALES + layer), noise_scaled,
                     tl.load(SEEDS + std_index), tl.load(f + 12), local % col_blocks,
                     local // col_blocks, tl.load(f + 14), tl.load(f + 15), tl.load(f + 11),
-                    R_PAD, True, HAS_NOISE, STOCHASTIC, W_KIND, ALIGNED4, EVEN,
+                    R_PAD, True, HAS_NOISE, STOCHASTIC, W_KIND, ALIGNED8, EVEN,
                     BLOCK_M, BLOCK_N, NUM_STAGES)

@@ -1,8 +1,10 @@
 """Triton helpers shared by the fused ops: the random stream and fp32 -> storage rounding.
 
 Not an op itself. The stream is the one specified in ``lorasc_fast.stream``: element
-``e = global_row * ncols + col`` takes word ``philox(seed, (e // 4) lo, (e // 4) hi, 0, 0)[e % 4]``
-(Philox4x32-10, bit for bit ``tl.philox``; ``_philox_groups``).
+``e = global_row * ncols + col`` takes the 16-bit half ``e % 2`` of word ``(e % 8) // 2`` of
+``philox(seed, (e // 8) lo, (e // 8) hi, 0, 0)`` as its noise field (the high half of its
+word) and the same half of ``philox(seed, (e // 8) lo, (e // 8) hi, 1, 0)`` as its
+stochastic-rounding field (the low half); Philox4x32-10, bit for bit ``tl.philox``.
 
 Storage kinds (``W_KIND``): 0 fp32, 1 fp16, 2 bf16 as its int16 bit pattern, 3 bf16.
 Kind 2 is for Triton's interpreter (whose own fp32 -> bf16 cast truncates): the
@@ -29,17 +31,17 @@ def _mulhilo(a: tl.constexpr, x):
 
 
 @triton.jit
-def _philox_groups(seed, g):
+def _philox_groups(seed, g, C2: tl.constexpr):
     """The four words of Philox4x32-10 with key ``(seed lo, seed hi)`` and counter
-    ``(g lo, g hi, 0, 0)`` for an int64 tensor ``g``: bit for bit ``tl.philox`` (same
+    ``(g lo, g hi, C2, 0)`` for an int64 tensor ``g``: bit for bit ``tl.philox`` (same
     constants and round order), with each round's two multiplies widening ones."""
-    seed64 = seed.to(tl.uint64)
+    seed64 = tl.to_tensor(seed).to(tl.uint64)  # a seed of 1 arrives as a constexpr
     k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed64 >> 32).to(tl.uint32)
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
-    c2 = c0 * 0
-    c3 = c2
+    c3 = c0 * 0
+    c2 = c3 + C2
     for _ in tl.static_range(10):
         hi_b, lo_b = _mulhilo(0xCD9E8D57, c2)
         hi_a, lo_a = _mulhilo(0xD2511F53, c0)
@@ -53,25 +55,57 @@ def _philox_groups(seed, g):
 
 
 @triton.jit
-def stream_words(seed, rows, col0, cols, ncols, ALIGNED4: tl.constexpr):
-    """uint32 words of a [len(rows), len(cols)] tile; ``rows`` are global int64 row indices.
+def _place(half_word, odd, HIGH: tl.constexpr):
+    """The high (even slot) or low (odd slot) 16 bits of ``half_word``, moved to the high
+    (``HIGH``) or low half of a uint32."""
+    if HIGH:
+        return tl.where(odd, half_word << 16, half_word & 0xFFFF0000)
+    else:
+        return tl.where(odd, half_word & 0xFFFF, half_word >> 16)
 
-    With ``ALIGNED4`` (``ncols % 4 == 0``, ``cols == col0 + arange(BN)`` with ``col0`` a
-    multiple of 4 and ``BN`` a multiple of 4) each Philox call serves four consecutive
-    elements; otherwise each element computes its group's four words and keeps one.
-    """
+
+@triton.jit
+def _field(seed, rows, col0, cols, ncols, C2: tl.constexpr, HIGH: tl.constexpr,
+           ALIGNED8: tl.constexpr):
+    """One 16-bit field (Philox counter word 2 = ``C2``) of a tile, in the high or low half."""
     BM: tl.constexpr = rows.shape[0]
     BN: tl.constexpr = cols.shape[0]
-    if ALIGNED4:
-        g0 = (rows * ncols + col0) // 4
-        g = g0[:, None] + tl.arange(0, BN // 4)[None, :].to(tl.int64)
-        c0, c1, c2, c3 = _philox_groups(seed, g)
-        w = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BM, BN])
+    if ALIGNED8:
+        g0 = (rows * ncols + col0) // 8
+        g = g0[:, None] + tl.arange(0, BN // 8)[None, :].to(tl.int64)
+        c0, c1, c2, c3 = _philox_groups(seed, g, C2)
+        words = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # [BM, BN / 8, 4]: c0 c1 c2 c3
+        if HIGH:
+            pair = tl.join(words & 0xFFFF0000, words << 16)
+        else:
+            pair = tl.join(words >> 16, words & 0xFFFF)
+        return tl.reshape(pair, [BM, BN])  # slot order: c0 high, c0 low, c1 high, ...
     else:
         e = rows[:, None] * ncols + cols[None, :].to(tl.int64)
-        c0, c1, c2, c3 = _philox_groups(seed, e // 4)
-        lane = e % 4
-        w = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+        c0, c1, c2, c3 = _philox_groups(seed, e // 8, C2)
+        k = (e % 8) // 2
+        word = tl.where(k == 0, c0, tl.where(k == 1, c1, tl.where(k == 2, c2, c3)))
+        return _place(word, (e % 2) == 1, HIGH)
+
+
+@triton.jit
+def stream_words(seed, rows, col0, cols, ncols, ALIGNED8: tl.constexpr,
+                 NOISE: tl.constexpr, ROUNDING: tl.constexpr):
+    """uint32 words of a [len(rows), len(cols)] tile; ``rows`` are global int64 row indices.
+
+    High half: the noise field (one Philox call per 8 elements, counter word 2 = 0), if
+    ``NOISE``; low half: the stochastic-rounding field (counter word 2 = 1), if
+    ``ROUNDING``; a field not asked for is zero. With ``ALIGNED8`` (``ncols % 8 == 0``,
+    ``cols == col0 + arange(BN)`` with ``col0`` and ``BN`` multiples of 8) each call serves
+    eight consecutive elements; otherwise each element computes its group's call and keeps
+    its half.
+    """
+    if NOISE:
+        w = _field(seed, rows, col0, cols, ncols, 0, True, ALIGNED8)
+        if ROUNDING:
+            w = w | _field(seed, rows, col0, cols, ncols, 1, False, ALIGNED8)
+    else:
+        w = _field(seed, rows, col0, cols, ncols, 1, False, ALIGNED8)
     return w
 
 

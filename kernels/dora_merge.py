@@ -33,8 +33,8 @@ def _v_tile(W, X, Y, m0, rows, row_ok, div, x_hi, x_lo, n0, M, N,
             stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
             scale, noise_scaled, seed, row_offset,
             R: tl.constexpr, R_PAD: tl.constexpr, HAS_DIV: tl.constexpr,
-            HAS_NOISE: tl.constexpr, NEED_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr,
-            ALIGNED4: tl.constexpr, W_KIND: tl.constexpr, X_KIND: tl.constexpr,
+            HAS_NOISE: tl.constexpr, ROUNDING: tl.constexpr, TRANSPOSED: tl.constexpr,
+            ALIGNED8: tl.constexpr, W_KIND: tl.constexpr, X_KIND: tl.constexpr,
             Y_KIND: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr):
     """One BLOCK_M x BLOCK_N tile of V (fp32, zero outside W), its words and pointers."""
@@ -58,14 +58,15 @@ def _v_tile(W, X, Y, m0, rows, row_ok, div, x_hi, x_lo, n0, M, N,
             yk = load_f32(Y + kk * stride_yk + cols.to(tl.int64) * stride_yn, col_ok, Y_KIND)
             d += xk[:, None] * yk[None, :]
     v = v + d * scale
-    if NEED_WORDS:
+    if HAS_NOISE or ROUNDING:
         if TRANSPOSED:
             # stored element (logical col j, logical row i): stored rows are the logical columns
             srows = (row_offset + cols).to(tl.int64)
-            words = tl.trans(stream_words(seed, srows, m0, rows, M, ALIGNED4))
+            words = tl.trans(stream_words(seed, srows, m0, rows, M, ALIGNED8, HAS_NOISE,
+                                          ROUNDING))
         else:
             srows = (row_offset + rows).to(tl.int64)
-            words = stream_words(seed, srows, n0, cols, N, ALIGNED4)
+            words = stream_words(seed, srows, n0, cols, N, ALIGNED8, HAS_NOISE, ROUNDING)
     else:
         words = 0  # not read: nearest rounding, no noise
     if HAS_NOISE:
@@ -81,7 +82,7 @@ def dora_kernel(
     scale, noise_scaled, seed, row_offset,
     R: tl.constexpr, R_PAD: tl.constexpr, POST: tl.constexpr, HAS_DIV: tl.constexpr,
     WRITE_NORM: tl.constexpr, WRITE_W: tl.constexpr, HAS_NOISE: tl.constexpr,
-    STOCHASTIC: tl.constexpr, TRANSPOSED: tl.constexpr, ALIGNED4: tl.constexpr,
+    STOCHASTIC: tl.constexpr, TRANSPOSED: tl.constexpr, ALIGNED8: tl.constexpr,
     W_KIND: tl.constexpr, X_KIND: tl.constexpr, Y_KIND: tl.constexpr, MAG_KIND: tl.constexpr,
     USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -110,8 +111,8 @@ def dora_kernel(
             v, words, w_ptrs, mask = _v_tile(
                 W, X, Y, m0, rows, row_ok, div, x_hi, x_lo, n0, M, N,
                 stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
-                scale, noise_scaled, seed, row_offset, R, R_PAD, HAS_DIV, HAS_NOISE, HAS_NOISE,
-                TRANSPOSED, ALIGNED4, W_KIND, X_KIND, Y_KIND, USE_DOT, BLOCK_M, BLOCK_N)
+                scale, noise_scaled, seed, row_offset, R, R_PAD, HAS_DIV, HAS_NOISE, False,
+                TRANSPOSED, ALIGNED8, W_KIND, X_KIND, Y_KIND, USE_DOT, BLOCK_M, BLOCK_N)
             ss += tl.sum(v * v, axis=1)
         norm = tl.sqrt_rn(ss)
         if WRITE_NORM:
@@ -126,7 +127,7 @@ def dora_kernel(
                 W, X, Y, m0, rows, row_ok, div, x_hi, x_lo, n0, M, N,
                 stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
                 scale, noise_scaled, seed, row_offset, R, R_PAD, HAS_DIV, HAS_NOISE,
-                HAS_NOISE or STOCHASTIC, TRANSPOSED, ALIGNED4, W_KIND, X_KIND, Y_KIND, USE_DOT,
+                STOCHASTIC, TRANSPOSED, ALIGNED8, W_KIND, X_KIND, Y_KIND, USE_DOT,
                 BLOCK_M, BLOCK_N)
             if POST != 0:
                 v = v * post[:, None]

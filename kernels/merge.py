@@ -8,7 +8,8 @@ in flight while the current one is computed. Per tile: the rank-R product of X's
 and Y's panel with ``tl.dot`` (K zero-padded to R_PAD >= 16, 3xTF32 on pre-split operands,
 ``common.dot_3xtf32``: fp32-accurate; tensor cores instead of R FMAs per element, which
 measured 2-5x slower on the H200; Y's split is done once per program),
-the noise from the library's Philox stream (one Philox call per four elements),
+the noise from the library's Philox stream (one Philox call per eight elements, one more
+for the stochastic-rounding fractions),
 rounding to W's dtype (nearest-even or stochastic) and the store. With the product, both
 additions are explicit FMAs (``W + s * XY``, then ``+ noise``): one rounding each, the same
 in every tile shape (left to the compiler, the contraction of a separate multiply and add
@@ -35,7 +36,7 @@ def merge_panel(
     stride_wm, stride_wn, stride_xm, stride_xk, stride_yk, stride_yn,
     scale, noise_scaled, seed, row_offset, pid_n, pid_m, ROW_PROGRAMS, ITERS, R,
     R_PAD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_NOISE: tl.constexpr,
-    STOCHASTIC: tl.constexpr, W_KIND: tl.constexpr, ALIGNED4: tl.constexpr, EVEN: tl.constexpr,
+    STOCHASTIC: tl.constexpr, W_KIND: tl.constexpr, ALIGNED8: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Column panel ``pid_n``, row blocks ``pid_m, pid_m + ROW_PROGRAMS, ...`` of one weight."""
@@ -65,7 +66,8 @@ def merge_panel(
             x_hi, x_lo = split_tf32(x)
             v = tl.fma(dot_3xtf32(x_hi, x_lo, y_hi, y_lo), scale, v)
         if HAS_NOISE or STOCHASTIC:
-            words = stream_words(seed, row_offset + rows64, col0, cols, N, ALIGNED4)
+            words = stream_words(seed, row_offset + rows64, col0, cols, N, ALIGNED8, HAS_NOISE,
+                                 STOCHASTIC)
         else:
             words = 0  # not read: nearest rounding, no noise
         if HAS_NOISE and HAS_DELTA:
@@ -82,7 +84,7 @@ def merge_kernel(
     scale, noise_scaled, seed, row_offset, ROW_PROGRAMS, ITERS,
     R: tl.constexpr, R_PAD: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr,
-    W_KIND: tl.constexpr, ALIGNED4: tl.constexpr, EVEN: tl.constexpr, HAS_FLAG: tl.constexpr,
+    W_KIND: tl.constexpr, ALIGNED8: tl.constexpr, EVEN: tl.constexpr, HAS_FLAG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """With ``HAS_FLAG`` nothing is written when the int32 at ``FLAG`` is non-zero (the
@@ -92,9 +94,9 @@ def merge_kernel(
             merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk,
                         stride_yn, scale, noise_scaled, seed, row_offset, tl.program_id(0),
                         tl.program_id(1), ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE,
-                        STOCHASTIC, W_KIND, ALIGNED4, EVEN, BLOCK_M, BLOCK_N, NUM_STAGES)
+                        STOCHASTIC, W_KIND, ALIGNED8, EVEN, BLOCK_M, BLOCK_N, NUM_STAGES)
     else:
         merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk,
                     stride_yn, scale, noise_scaled, seed, row_offset, tl.program_id(0),
                     tl.program_id(1), ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE,
-                    STOCHASTIC, W_KIND, ALIGNED4, EVEN, BLOCK_M, BLOCK_N, NUM_STAGES)
+                    STOCHASTIC, W_KIND, ALIGNED8, EVEN, BLOCK_M, BLOCK_N, NUM_STAGES)

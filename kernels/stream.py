@@ -10,12 +10,13 @@ from .common import stream_words
 
 
 @triton.jit
-def stream_kernel(OUT, M, N, seed, row_offset, ALIGNED4: tl.constexpr,
+def stream_kernel(OUT, M, N, seed, row_offset, ALIGNED8: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    words = stream_words(seed, (row_offset + rows).to(tl.int64), col0, cols, N, ALIGNED4)
+    words = stream_words(seed, (row_offset + rows).to(tl.int64), col0, cols, N, ALIGNED8,
+                         True, True)
     tl.store(OUT + rows[:, None].to(tl.int64) * N + cols[None, :], words.to(tl.int32, bitcast=True),
              mask=mask)

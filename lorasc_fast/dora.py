@@ -91,8 +91,8 @@ def _torch_pass(W, A, B, *, scale, noise, seed, row_offset, rounding, fan_in_fan
         V.addmm_(X[r0:r1].float(), Yf, alpha=scale)
         words = None
         if noise != 0.0 or stochastic:
-            words = stream.words(seed, (row_offset + r0) * cols, (r1 - r0) * cols, W.device)
-            words = words.view(r1 - r0, cols)
+            words = stream.words(seed, (row_offset + r0) * cols, (r1 - r0) * cols, W.device,
+                                 rounding=stochastic).view(r1 - r0, cols)
             if noise != 0.0:
                 V.add_(stream.noise_from_words(words, noise))
         if not write:
@@ -135,10 +135,10 @@ def _launch(W, A, B, *, scale, noise, seed, row_offset, rounding, fan_in_fan_out
     R = A.shape[0]
     if fan_in_fan_out:  # logical out x in view of the stored in x out weight
         s_wm, s_wn = W.stride(1), W.stride(0)
-        aligned4 = out_f % 4 == 0
+        aligned8 = out_f % 8 == 0
     else:
         s_wm, s_wn = W.stride(0), W.stride(1)
-        aligned4 = in_f % 4 == 0
+        aligned8 = in_f % 8 == 0
     cfg = _config(W.device, fan_in_fan_out)
     dummy = triton_path.storage(W)  # pointer arguments that the chosen mode never reads
     post_mode = 1 if post is not None else 2 if magnitude is not None else 0
@@ -153,7 +153,7 @@ def _launch(W, A, B, *, scale, noise, seed, row_offset, rounding, fan_in_fan_out
         R=R, R_PAD=triton_path._pow2_at_least(R, 16), POST=post_mode,
         HAS_DIV=div is not None, WRITE_NORM=norm_out is not None, WRITE_W=write,
         HAS_NOISE=noise != 0.0, STOCHASTIC=rounding == "stochastic" and W.dtype != torch.float32,
-        TRANSPOSED=fan_in_fan_out, ALIGNED4=aligned4, W_KIND=triton_path.STORAGE_KIND[W.dtype],
+        TRANSPOSED=fan_in_fan_out, ALIGNED8=aligned8, W_KIND=triton_path.STORAGE_KIND[W.dtype],
         X_KIND=triton_path.STORAGE_KIND[B.dtype], Y_KIND=triton_path.STORAGE_KIND[A.dtype],
         MAG_KIND=triton_path.STORAGE_KIND[mag.dtype] if magnitude is not None else 0, USE_DOT=R > 16,
         enable_fp_fusion=False,  # the same roundings as the torch path (memory-bound anyway)

@@ -149,7 +149,7 @@ class CascadePlan:
         walks = {id(L): self._walk(L) for L in self.layers}
         groups = self._groups(lambda L: (L.W.dtype, *(t.dtype for t in self._factors(L)),
                                          tp._pow2_at_least(L.A_slow.shape[0], 16),
-                                         L.W.shape[1] % 4 == 0, L.fan_in_fan_out, _aligned16(L),
+                                         L.W.shape[1] % 8 == 0, L.fan_in_fan_out, _aligned16(L),
                                          walks[id(L)][3]))
         for key, idxs in groups.items():
             tile = walks[id(self.layers[idxs[0]])][0]
@@ -176,7 +176,7 @@ class CascadePlan:
                                     ).to(self.device),
                 consts=dict(R_PAD=key[3], STOCHASTIC=self.rounding == "stochastic" and
                             key[0] != torch.float32, W_KIND=tp.STORAGE_KIND[key[0]],
-                            X_KIND=_NATIVE[key[1]], Y_KIND=_NATIVE[key[2]], ALIGNED4=key[4],
+                            X_KIND=_NATIVE[key[1]], Y_KIND=_NATIVE[key[2]], ALIGNED8=key[4],
                             FAN_IN_FAN_OUT=key[5], ALIGNED16=key[6], EVEN=key[7], **tile)))
 
     def launch(self, alpha: float, noise_lambda: float, seeds) -> None:

@@ -2,23 +2,26 @@
 
 Counter-based Philox4x32-10 (Salmon et al., SC'11; the generator behind Triton's
 ``tl.randint4x``), keyed by the 64-bit seed. Element ``e`` of a logical row-major
-matrix with ``cols`` columns, ``e = (row_offset + i) * cols + j``, takes the 32-bit
-word ``philox(key=(seed_lo, seed_hi), counter=(g_lo, g_hi, 0, 0))[e % 4]`` with
-``g = e // 4``: one Philox call serves four consecutive elements, and the value
-depends only on (seed, e), never on tiles, grids, strides, dtype or device. For
-``g < 2**32`` the counter equals Triton's ``tl.randint4x(seed, g)``.
+matrix with ``cols`` columns, ``e = (row_offset + i) * cols + j``, takes a 32-bit word
+made of two independent 16-bit fields, from group ``g = e // 8`` and slot ``s = e % 8``:
 
-Each word is split into two independent 16-bit fields:
+* the high half drives the noise: the 16-bit half of word ``s // 2`` of
+  ``philox(key=(seed_lo, seed_hi), counter=(g_lo, g_hi, 0, 0))`` (its high half for even
+  ``s``, low half for odd), giving ``U = (hi + 0.5) / 2**16`` in (0, 1), symmetric about
+  1/2, so ``U - 0.5`` has mean exactly zero;
+* the low half drives stochastic rounding: the same half of
+  ``philox(key, counter=(g_lo, g_hi, 1, 0))``, ``u = lo / 2**16`` in [0, 1).
 
-* the high half drives the noise: ``U = (hi + 0.5) / 2**16`` in (0, 1), symmetric
-  about 1/2, so ``U - 0.5`` has mean exactly zero;
-* the low half drives stochastic rounding: ``u = lo / 2**16`` in [0, 1).
+One Philox call serves eight elements' noise (the kernels skip the rounding call under
+nearest rounding, the default); the value depends only on (seed, e), never on tiles,
+grids, strides, dtype or device. For ``g < 2**32`` the noise counter equals Triton's
+``tl.randint4x(seed, g)``.
 
 The Triton kernels (``lorasc_fast.kernels.common``) compute the same words bit for
 bit; this module is the spec they are tested against and the generator of the
 memory-lean torch path. Integer tensors are int64 holding unsigned 32-bit values;
 a 32x32-bit product is split into 16-bit limbs so nothing overflows int64.
-Memory: about ten int64 temporaries of ``n / 4`` elements for ``n`` words.
+Memory: about ten int64 temporaries of ``n / 8`` elements per call, plus the ``n`` words.
 """
 from __future__ import annotations
 
@@ -59,26 +62,37 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, 
     return c0, c1, c2, c3
 
 
-def words(seed: int, start: int, count: int, device=None) -> torch.Tensor:
+def _halves(seed: int, g: torch.Tensor, c2: int) -> torch.Tensor:
+    """The eight 16-bit halves of ``philox(seed, (g lo, g hi, c2, 0))`` per group, in slot
+    order (word 0's high half, word 0's low half, word 1's high half, ...)."""
+    r = philox4x32(seed, g & MASK32, g >> 32, torch.full_like(g, c2), torch.zeros_like(g))
+    n = torch.stack(r, dim=1)
+    return torch.stack([n >> 16, n & 0xFFFF], dim=2).reshape(-1)
+
+
+def words(seed: int, start: int, count: int, device=None, *, rounding: bool = True) -> torch.Tensor:
     """The stream's 32-bit words for linear element indices ``[start, start + count)``.
 
-    Returned as int64 tensor of values in [0, 2**32). Memory: O(count) int64.
+    Returned as int64 tensor of values in [0, 2**32). ``rounding=False`` leaves the low
+    (stochastic-rounding) halves zero and skips their Philox calls. Memory: O(count) int64.
     """
     if count <= 0:
         return torch.empty(0, dtype=torch.int64, device=device)
-    g0 = start >> 2
-    g1 = (start + count - 1) >> 2
+    g0 = start >> 3
+    g1 = (start + count - 1) >> 3
     g = torch.arange(g0, g1 + 1, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(g)
-    r = philox4x32(seed, g & MASK32, g >> 32, zero, zero)
-    flat = torch.stack(r, dim=1).reshape(-1)
-    first = start - 4 * g0
-    return flat[first:first + count]
+    w = _halves(seed, g, 0) << 16
+    if rounding:
+        w |= _halves(seed, g, 1)
+    first = start - 8 * g0
+    return w[first:first + count]
 
 
-def matrix_words(seed: int, rows: int, cols: int, row_offset: int = 0, device=None) -> torch.Tensor:
+def matrix_words(seed: int, rows: int, cols: int, row_offset: int = 0, device=None, *,
+                 rounding: bool = True) -> torch.Tensor:
     """Words of a ``rows x cols`` block whose first row is global row ``row_offset``."""
-    return words(seed, row_offset * cols, rows * cols, device).reshape(rows, cols)
+    return words(seed, row_offset * cols, rows * cols, device,
+                 rounding=rounding).reshape(rows, cols)
 
 
 def noise_from_words(w: torch.Tensor, noise: float) -> torch.Tensor:

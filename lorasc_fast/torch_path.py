@@ -73,8 +73,8 @@ def _apply(W, X, Y, scale, noise, seed, row_offset, rounding):
         v = Wc if W.dtype == torch.float32 else Wc.float()
         if delta is not None:
             v.add_(delta)
-        w = stream.words(seed, (row_offset + r0) * cols, (r1 - r0) * cols, W.device)
-        w = w.view(r1 - r0, cols)
+        w = stream.words(seed, (row_offset + r0) * cols, (r1 - r0) * cols, W.device,
+                         rounding=rounding == "stochastic").view(r1 - r0, cols)
         if noise != 0.0:
             v.add_(stream.noise_from_words(w, noise))
         if W.dtype != torch.float32:

@@ -84,7 +84,9 @@ def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return dict(BLOCK_M=64, BLOCK_N=128, programs_per_sm=8)
     if R <= 32:
-        return dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, NUM_STAGES=4, programs_per_sm=8)
+        # rounds 7-8 (bench/results/tuning/h200_sweep7_tiles.json, h200_sweep8*.json): 64 x 128
+        # tiles ran merge + noise 5-12 % faster than 16 x 256 (fewer instructions per element)
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, NUM_STAGES=3, programs_per_sm=2)
     # r > 32: the product's 3xTF32 work grows with r; 64 x 64 tiles (round 7: r = 64 merge
     # 180 -> 129 us, + noise 271 -> 217 us against 16 x 128) keep the A panel small
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, programs_per_sm=3)
@@ -116,9 +118,9 @@ def _sm_count(device: torch.device) -> int:
 
 def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta=True,
                  flag: torch.Tensor | None = None, programs_per_sm: int | None = None,
-                 aligned4: bool = True) -> None:
+                 aligned8: bool = True) -> None:
     """Launch the fused merge; nothing is written if ``flag`` (``nonfinite_flag``) is set.
-    ``programs_per_sm`` (default: ``merge_config``'s) and ``aligned4=False`` (per-element
+    ``programs_per_sm`` (default: ``merge_config``'s) and ``aligned8=False`` (per-element
     Philox calls, same values) exist for bench/sweep_merge.py."""
     merge, _, _, _ = _kernels()
     M, N = W.shape
@@ -141,7 +143,7 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
         R=R, R_PAD=_pow2_at_least(R, 16),
         HAS_DELTA=has_delta, HAS_NOISE=noise != 0.0,
         STOCHASTIC=rounding == "stochastic" and W.dtype != torch.float32,
-        W_KIND=STORAGE_KIND[W.dtype], ALIGNED4=aligned4 and N % 4 == 0, EVEN=even,
+        W_KIND=STORAGE_KIND[W.dtype], ALIGNED8=aligned8 and N % 8 == 0, EVEN=even,
         HAS_FLAG=flag is not None, **cfg, **extra,
     )
 
@@ -259,6 +261,6 @@ def stream_words(rows: int, cols: int, seed: int, row_offset: int, device) -> to
     if rows and cols:
         bm, bn = (64, 128)
         stream.stream_kernel[(-(-rows // bm), -(-cols // bn))](
-            out, rows, cols, int(seed), int(row_offset), ALIGNED4=cols % 4 == 0,
+            out, rows, cols, int(seed), int(row_offset), ALIGNED8=cols % 8 == 0,
             BLOCK_M=bm, BLOCK_N=bn)
     return out.to(torch.int64) & 0xFFFFFFFF

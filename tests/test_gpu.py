@@ -63,6 +63,20 @@ def test_noise_bit_exact_on_gpu(dtype, rounding, cols, gen):
     assert torch.equal(got.cpu(), expected)
 
 
+@pytest.mark.parametrize("seed", [1, 0, 2**63 + 5])
+def test_stream_seed_specialisations_on_gpu(seed):
+    """Triton passes an integer argument equal to 1 as a compile-time constant (and 0 and
+    64-bit seeds differently again): every form gives the reference stream, in the stream
+    kernel and in the merge (whose nearest-rounded bf16 noise is pinned by its words)."""
+    got = lf.stream_words(40, 136, seed=seed, row_offset=3, device="cuda")
+    assert torch.equal(got.cpu(), stream.matrix_words(seed, 40, 136, 3))
+    W = torch.zeros(64, 128, device="cuda")
+    A, B = torch.zeros(4, 128, device="cuda"), torch.zeros(64, 4, device="cuda")
+    lf.merge_(W, A, B, scale=1.0, noise=0.5, seed=seed)
+    expected = stream.noise_from_words(stream.matrix_words(seed, 64, 128), 0.5)
+    assert torch.equal(W.cpu(), expected)
+
+
 INTERPRETER_PROBE = textwrap.dedent("""
     import json, os, sys
     os.environ["TRITON_INTERPRET"] = "1"

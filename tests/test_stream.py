@@ -25,22 +25,42 @@ def test_philox_known_answers(key, ctr, expected):
 
 
 @triton.jit
-def _randint4x_kernel(out, seed, n, BLOCK: tl.constexpr):
+def _philox_kernel(out, seed, n, BLOCK: tl.constexpr):
+    """Words of ``tl.randint4x(seed, g)`` (the noise counter) and of ``tl.philox(seed, g, 0, 1,
+    0)`` (the rounding counter) for groups ``g < n``, as [n, 2, 4]."""
     g = tl.arange(0, BLOCK)
-    a, b, c, d = tl.randint4x(seed, g)
     m = g < n
-    tl.store(out + 4 * g, a, mask=m)
-    tl.store(out + 4 * g + 1, b, mask=m)
-    tl.store(out + 4 * g + 2, c, mask=m)
-    tl.store(out + 4 * g + 3, d, mask=m)
+    a, b, c, d = tl.randint4x(seed, g)
+    tl.store(out + 8 * g, a, mask=m)
+    tl.store(out + 8 * g + 1, b, mask=m)
+    tl.store(out + 8 * g + 2, c, mask=m)
+    tl.store(out + 8 * g + 3, d, mask=m)
+    zero = g.to(tl.uint32) * 0
+    a, b, c, d = tl.philox(seed, g.to(tl.uint32), zero, zero + 1, zero)
+    tl.store(out + 8 * g + 4, a.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out + 8 * g + 5, b.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out + 8 * g + 6, c.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out + 8 * g + 7, d.to(tl.int32, bitcast=True), mask=m)
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7])
-def test_stream_is_tritons_randint4x(seed):
-    """For groups below 2**32 the words are exactly tl.randint4x(seed, element // 4)."""
-    out = torch.empty(4 * 64, dtype=torch.int32)
-    _randint4x_kernel[(1,)](out, seed, 64, BLOCK=64)
-    assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, stream.words(seed, 0, 256))
+def test_stream_is_tritons_philox(seed):
+    """For groups below 2**32: element 8g + s takes the 16-bit half s % 2 (high first) of word
+    s // 2 of tl.randint4x(seed, g) as its noise field (the word's high half) and the same
+    half of tl.philox(seed, g, 0, 1, 0) as its rounding field (the low half)."""
+    out = torch.empty(64, 2, 4, dtype=torch.int32)
+    _philox_kernel[(1,)](out, seed, 64, BLOCK=64)
+    raw = out.to(torch.int64) & 0xFFFFFFFF
+    halves = torch.stack([raw >> 16, raw & 0xFFFF], dim=3).reshape(64, 2, 8)
+    expected = ((halves[:, 0] << 16) | halves[:, 1]).reshape(-1)
+    assert torch.equal(stream.words(seed, 0, 512), expected)
+
+
+def test_noise_field_does_not_depend_on_rounding():
+    """Nearest rounding skips the rounding field's Philox calls: the noise is the same."""
+    w = stream.words(77, 13, 300)
+    assert torch.equal(stream.words(77, 13, 300, rounding=False), w & 0xFFFF0000)
+    assert (w & 0xFFFF).unique().numel() > 200  # the rounding field is not constant
 
 
 @pytest.mark.parametrize("cols", [128, 777, 4])
@@ -52,11 +72,11 @@ def test_kernel_stream_equals_torch_stream(cols, row_offset):
 
 
 def test_large_counters_use_the_high_word():
-    """Elements past 2**34 (group index past 2**32) use the counter's second word."""
-    start = (1 << 34) + 16
+    """Elements past 2**35 (group index past 2**32) use the counter's second word."""
+    start = (1 << 35) + 16
     assert torch.equal(lf.stream_words(1, 16, seed=3, row_offset=start // 16, backend="triton"),
                        stream.words(3, start, 16).view(1, 16))
-    assert not torch.equal(stream.words(3, start, 16), stream.words(3, start - (1 << 34), 16))
+    assert not torch.equal(stream.words(3, start, 16), stream.words(3, start - (1 << 35), 16))
 
 
 def test_words_depend_only_on_seed_and_index():
