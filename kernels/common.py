@@ -35,7 +35,7 @@ def _philox_groups(seed, g, C2: tl.constexpr):
     """The four words of Philox4x32-10 with key ``(seed lo, seed hi)`` and counter
     ``(g lo, g hi, C2, 0)`` for an int64 tensor ``g``: bit for bit ``tl.philox`` (same
     constants and round order), with each round's two multiplies widening ones."""
-    seed64 = tl.to_tensor(seed).to(tl.uint64)  # a seed of 1 arrives as a constexpr
+    seed64 = seed.to(tl.uint64)  # a tensor: kernels taking a seed never specialise it
     k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed64 >> 32).to(tl.uint32)
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
