@@ -85,13 +85,15 @@ def merge_group_kernel(
         col_blocks = tl.load(f + 13)
         std_index = tl.load(f + 16)
         noise_scaled = noise_lambda_scaled * tl.load(STD + std_index)
-        W = as_pointer(tl.load(f + 0), W_KIND)
-        Y = as_pointer(tl.load(f + 2), Y_KIND)
+        w_addr = tl.load(f + 0)
+        y_addr = tl.load(f + 2)
         stride_wm = tl.load(f + 5)
         if ALIGNED16:
-            W = tl.multiple_of(W, 16)
-            Y = tl.multiple_of(Y, 16)
+            w_addr = tl.multiple_of(w_addr, 16)
+            y_addr = tl.multiple_of(y_addr, 16)
             stride_wm = tl.multiple_of(stride_wm, 16)
+        W = as_pointer(w_addr, W_KIND)
+        Y = as_pointer(y_addr, Y_KIND)
         if FAN_IN_FAN_OUT:  # X = A^T (stride_xm = 1), Y = B^T (stride_yk = 1)
             stride_xm, stride_xk = 1, tl.load(f + 8)
             stride_yk, stride_yn = 1, tl.load(f + 10)
@@ -105,5 +107,5 @@ def merge_group_kernel(
                     tl.load(SCALES + layer), noise_scaled,
                     tl.load(SEEDS + std_index), tl.load(f + 12), local % col_blocks,
                     local // col_blocks, tl.load(f + 14), tl.load(f + 15), tl.load(f + 11),
-                    R_PAD, True, HAS_NOISE, STOCHASTIC, W_KIND, ALIGNED8, EVEN,
+                    R_PAD, True, HAS_NOISE, STOCHASTIC, W_KIND, ALIGNED8, EVEN, ALIGNED16,
                     BLOCK_M, BLOCK_N, NUM_STAGES)

@@ -37,9 +37,15 @@ def merge_panel(
     scale, noise_scaled, seed, row_offset, pid_n, pid_m, ROW_PROGRAMS, ITERS, R,
     R_PAD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_NOISE: tl.constexpr,
     STOCHASTIC: tl.constexpr, W_KIND: tl.constexpr, ALIGNED8: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    W_ALIGNED16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    """Column panel ``pid_n``, row blocks ``pid_m, pid_m + ROW_PROGRAMS, ...`` of one weight."""
+    """Column panel ``pid_n``, row blocks ``pid_m, pid_m + ROW_PROGRAMS, ...`` of one weight.
+
+    ``W_ALIGNED16`` declares what a kernel argument's specialisation tells the compiler by
+    itself: W's base and row stride (unit column stride) are 16-byte aligned, so its tiles
+    move as 16-byte vectors through ``cp.async``. The grouped kernel reads W's address from
+    a table and must declare it (without it: one 2-byte load and store per element)."""
     col0 = pid_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -54,6 +60,8 @@ def merge_panel(
         row_ok = rows < M
         rows64 = rows.to(tl.int64)
         w_ptrs = W + rows64[:, None] * stride_wm + cols64[None, :] * stride_wn
+        if W_ALIGNED16:
+            w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
         if EVEN:
             mask = None
             v = load_f32_unmasked(w_ptrs, W_KIND)
@@ -94,9 +102,10 @@ def merge_kernel(
             merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk,
                         stride_yn, scale, noise_scaled, seed, row_offset, tl.program_id(0),
                         tl.program_id(1), ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE,
-                        STOCHASTIC, W_KIND, ALIGNED8, EVEN, BLOCK_M, BLOCK_N, NUM_STAGES)
+                        STOCHASTIC, W_KIND, ALIGNED8, EVEN, False, BLOCK_M, BLOCK_N,
+                        NUM_STAGES)
     else:
         merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk,
                     stride_yn, scale, noise_scaled, seed, row_offset, tl.program_id(0),
                     tl.program_id(1), ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE,
-                    STOCHASTIC, W_KIND, ALIGNED8, EVEN, BLOCK_M, BLOCK_N, NUM_STAGES)
+                    STOCHASTIC, W_KIND, ALIGNED8, EVEN, False, BLOCK_M, BLOCK_N, NUM_STAGES)
