@@ -88,23 +88,27 @@ def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
         # tiles ran merge + noise 5-12 % faster than 16 x 256 (fewer instructions per element)
         return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, NUM_STAGES=3, programs_per_sm=2)
     # r > 32: the product's 3xTF32 work grows with r; 64 x 64 tiles (round 7: r = 64 merge
-    # 180 -> 129 us, + noise 271 -> 217 us against 16 x 128) keep the A panel small
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, programs_per_sm=3)
+    # 180 -> 129 us, + noise 271 -> 217 us against 16 x 128) keep the A panel small. Two
+    # programs fit per SM (98 KB of shared memory each); 4 per SM is a budget of two even
+    # waves (the walk measured in the last bench: 4 x 32 row blocks at 8192 x 8192)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, programs_per_sm=4)
 
 
 def walk(M: int, N: int, block_m: int, block_n: int, programs: int) -> tuple[int, int, bool]:
     """``(row_programs, iters, even)`` for a column-panel walk over an ``M x N`` W.
 
-    About ``programs`` programs in all. When the tile divides W and a divisor of the row
-    blocks is near that count (within 2x), the row programs take it, so every walk step is
-    in bounds and the kernel drops its masks (``EVEN``).
+    At most ``programs`` programs in all (the resident slots: one more program per column
+    panel would start a second wave, which on the H200 took 11008 x 4096 from 55 to 79 us at
+    2 programs per SM), unless the columns alone need more. When the tile divides W and a
+    divisor of the row blocks is at least 3/4 of that count, the row programs take it, so
+    every walk step is in bounds and the kernel drops its masks (``EVEN``).
     """
     col_blocks = -(-N // block_n)
     row_blocks = -(-M // block_m)
-    target = max(1, min(row_blocks, -(-programs // col_blocks)))
+    target = max(1, min(row_blocks, programs // col_blocks))
     if M % block_m == 0 and N % block_n == 0:
         divisor = max(d for d in range(1, target + 1) if row_blocks % d == 0)
-        if 2 * divisor >= target:
+        if 4 * divisor >= 3 * target:
             return divisor, row_blocks // divisor, True
     return target, -(-row_blocks // target), False
 

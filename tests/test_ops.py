@@ -88,11 +88,17 @@ def test_merge_even_walk_unmasked(dtype, rounding, gen, monkeypatch):
 
 @pytest.mark.parametrize("M,N,bm,bn,programs", [(8192, 8192, 16, 256, 1056), (11008, 4096, 16, 256, 1056),
                                                 (1000, 777, 16, 256, 1056), (1024, 4096, 16, 256, 8),
-                                                (4096, 14336, 16, 256, 1056), (48, 256, 16, 256, 1056)])
+                                                (4096, 14336, 16, 256, 1056), (48, 256, 16, 256, 1056),
+                                                (11008, 4096, 64, 128, 264), (8192, 8192, 64, 128, 264),
+                                                (4096, 14336, 64, 128, 264), (8192, 8192, 64, 64, 528)])
 def test_walk_covers_every_row_block_once(M, N, bm, bn, programs):
+    """Every row block once, in one wave of at most ``programs`` programs (unless the column
+    panels alone are more)."""
     row_programs, iters, even = triton_path.walk(M, N, bm, bn, programs)
     row_blocks = -(-M // bm)
+    col_blocks = -(-N // bn)
     assert 1 <= row_programs <= row_blocks and row_programs * iters >= row_blocks
+    assert row_programs * col_blocks <= max(programs, col_blocks)
     assert row_programs * (iters - 1) < row_blocks  # no program walks only past the end
     if even:
         assert M % bm == 0 and N % bn == 0 and row_programs * iters == row_blocks
