@@ -175,18 +175,10 @@ def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, alpha: float, scale: fl
     """
     backend = _check_common(W, rounding, seed, row_offset, backend)
     _check_factors(W, A_slow, B_slow, fan_in_fan_out, "A_slow", "B_slow")
-    for name, fast_t, slow_t in (("A_fast", A_fast, A_slow), ("B_fast", B_fast, B_slow)):
-        v.check_factor(name, fast_t)
-        if fast_t.shape != slow_t.shape:
-            raise ValueError(f"{name} is {tuple(fast_t.shape)} but its slow copy is "
-                             f"{tuple(slow_t.shape)}")
-    v.check_same_device(W=W, A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
+    v.check_cascade_pairs(W, A_slow, B_slow, A_fast, B_fast)
     alpha = v.check_scalar("alpha", alpha, low=0.0, high=1.0)
     scale = v.check_scalar("scale", scale)
     noise_lambda = v.check_scalar("noise_lambda", noise_lambda, low=0.0)
-    v.check_no_alias("W", W, A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
-    v.check_no_alias("A_slow", A_slow, A_fast=A_fast, B_slow=B_slow, B_fast=B_fast)
-    v.check_no_alias("B_slow", B_slow, A_fast=A_fast, B_fast=B_fast)
     kw = dict(scale=scale, seed=seed, row_offset=row_offset, rounding=rounding,
               fan_in_fan_out=fan_in_fan_out)
     factors = dict(A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
