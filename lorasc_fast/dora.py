@@ -73,14 +73,12 @@ def _torch_pass(W, A, B, *, scale, noise, seed, row_offset, rounding, fan_in_fan
     ``magnitude`` without ``post`` (rows are output features): post = magnitude / ||V_row||
     from the chunk itself. ``write=False``: return sum V^2 per output feature, W untouched.
     """
-    rows, cols = W.shape
-    step = torch_path.chunk_rows(W)
+    cols = W.shape[1]
     X, Y = (A.T, B.T) if fan_in_fan_out else (B, A)
     Yf = Y.float()
     stochastic = write and rounding == "stochastic" and W.dtype != torch.float32
     ss = None if write else torch.zeros(B.shape[0], dtype=torch.float32, device=W.device)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
+    for r0, r1 in torch_path.row_chunks(W):
         Wc = W[r0:r1]
         if W.dtype != torch.float32:
             V = Wc.float()
