@@ -3,41 +3,14 @@
 On the CPU the Triton backend runs in the interpreter (~12 ms a program), so the shapes
 stay small: 300 x 177 is 5 programs of 64 output features.
 """
-import os
-
 import pytest
 import torch
 
+from helpers import DEVICE, DTYPES, assert_ulps
 from lorasc_fast import stream
 from lorasc_fast.dora import dora_merge_, dora_unmerge_, dora_weight_norm
 
-DEVICE = torch.device("cuda" if os.environ.get("LORASC_TEST_GPU") == "1" else "cpu")
 FAST = ["torch", "triton"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many representable values of the dtype lie between a and b (same dtype)."""
-    assert a.dtype == b.dtype
-
-    def ordered(t):
-        bits = t.view(_INT[t.dtype]).long()
-        sign_mask = (1 << (8 * t.element_size() - 1)) - 1
-        return torch.where(bits < 0, -(bits & sign_mask), bits)
-
-    return (ordered(a) - ordered(b)).abs()
-
-
-def assert_ulps(got, expected, ulps):
-    """Within ``ulps`` representable values, or (cancellation near zero, where the fp32
-    arithmetic error exceeds an ulp of the tiny result) within 1e-6 of the largest value."""
-    near = ulp_distance(got, expected) <= ulps
-    atol = 1e-6 * float(expected.float().abs().max())
-    small = (got.double() - expected.double()).abs() <= atol
-    bad = ~(near | small)
-    assert not bad.any(), (f"{int(bad.sum())} elements off by more than {ulps} ulp(s), e.g. "
-                           f"{got[bad][:4].tolist()} vs {expected[bad][:4].tolist()}")
 
 
 def make(gen, out_f=300, in_f=177, r=3, dtype=torch.float32, fifo=False, b_scale=0.1):
