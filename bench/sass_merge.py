@@ -4,7 +4,8 @@ Compiles ``kernels/merge.py::merge_kernel`` for the H100/H200 (``GPUTarget("cuda
 with Triton's bundled ``ptxas``: no GPU needed. The loop body is the code between the
 pipelined loop's label and its backward branch; each thread runs it once per W tile, on
 ``BLOCK_M * BLOCK_N / (32 * num_warps)`` elements. Prints instructions per element by
-opcode class, for the default configuration of each mode (or ``--block``).
+opcode class, for the default configuration of each mode (or ``--block``), and for the
+grouped whole-model kernel (``cascade_group.merge_group_kernel``) with noise.
 
     python bench/sass_merge.py [--r 16] [--block 16x256x4x4] [--sass-out DIR]
 
@@ -26,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from lorasc_fast import triton_path  # noqa: E402
-from lorasc_fast.kernels import merge  # noqa: E402
+from lorasc_fast.kernels import cascade_group, merge  # noqa: E402
 
 CLASSES = [  # (name, opcode prefixes); the first match counts
     ("philox mul", ("IMAD.HI", "IMAD.WIDE")),
@@ -41,22 +42,42 @@ CLASSES = [  # (name, opcode prefixes); the first match counts
 ]
 
 
+def compile_sm90(fn, types: dict, const: dict, aligned, warps: int, stages: int):
+    """``fn`` compiled for sm_90: ``types`` maps runtime arguments to Triton types (default
+    i32), ``const`` the constexprs, ``aligned`` the arguments declared 16-divisible (what
+    Triton's launcher infers from a real call)."""
+    names = list(fn.arg_names)
+    sig = {n: types.get(n, "i32") for n in names}
+    sig.update({k: "constexpr" for k in const})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
 def compile_merge(r, block_m, block_n, warps, stages, *, noise, stochastic, w_kind=3):
-    names = list(merge.merge_kernel.arg_names)
-    sig = {n: "i32" for n in names}
-    sig.update(W={3: "*bf16", 1: "*fp16", 0: "*fp32"}[w_kind], X="*fp32", Y="*fp32", FLAG="*i32",
-               scale="fp32", noise_scaled="fp32")
+    """``merge_kernel`` as ``launch_merge`` calls it on an aligned, tile-divisible W."""
+    types = dict(W={3: "*bf16", 1: "*fp16", 0: "*fp32"}[w_kind], X="*fp32", Y="*fp32",
+                 FLAG="*i32", scale="fp32", noise_scaled="fp32")
     const = dict(stride_wn=1, stride_xk=1, stride_yn=1, R=r, R_PAD=max(16, triton.next_power_of_2(r)),
                  HAS_DELTA=True, HAS_NOISE=noise, STOCHASTIC=stochastic, W_KIND=w_kind,
                  ALIGNED8=True, EVEN=True, HAS_FLAG=False, BLOCK_M=block_m, BLOCK_N=block_n,
                  NUM_STAGES=stages)
-    sig.update({k: "constexpr" for k in const})
     aligned = ["W", "X", "Y", "FLAG", "M", "N", "stride_wm", "stride_xm", "stride_yk"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(merge.merge_kernel, {n: sig[n] for n in names},
-                    {(names.index(k),): v for k, v in const.items()}, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+    return compile_sm90(merge.merge_kernel, types, const, aligned, warps, stages)
+
+
+def compile_group_merge(r, block_m, block_n, warps, stages, *, noise, layers=64):
+    """``cascade_group.merge_group_kernel`` for bf16 W on aligned rows (``ALIGNED16``)."""
+    types = dict(LAYERS="*i64", OFFSETS="*i32", SCALES="*fp32", STD="*fp32", SEEDS="*i64",
+                 FLAG="*i32", noise_lambda_scaled="fp32")
+    const = dict(NF=len(cascade_group.MERGE_FIELDS), L_PAD=triton.next_power_of_2(layers),
+                 R_PAD=max(16, triton.next_power_of_2(r)), HAS_NOISE=noise, STOCHASTIC=False,
+                 W_KIND=3, X_KIND=0, Y_KIND=0, ALIGNED8=True, FAN_IN_FAN_OUT=False,
+                 ALIGNED16=True, EVEN=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                 NUM_STAGES=stages)
+    aligned = ["LAYERS", "OFFSETS", "SCALES", "STD", "SEEDS", "FLAG"]
+    return compile_sm90(cascade_group.merge_group_kernel, types, const, aligned, warps, stages)
 
 
 def disassemble(cubin: bytes) -> str:
@@ -116,9 +137,17 @@ def main():
     print(f"r = {args.r}, tile {bm}x{bn}, {warps} warps, {stages} stages: {per_thread} elements "
           "per thread per loop iteration")
     rows = {}
-    for mode, noise, sr in (("merge", False, False), ("merge+noise", True, False),
-                            ("merge+noise+SR", True, True)):
-        k = compile_merge(args.r, bm, bn, warps, stages, noise=noise, stochastic=sr)
+    variants = {
+        "merge": lambda: compile_merge(args.r, bm, bn, warps, stages, noise=False,
+                                       stochastic=False),
+        "merge+noise": lambda: compile_merge(args.r, bm, bn, warps, stages, noise=True,
+                                             stochastic=False),
+        "merge+noise+SR": lambda: compile_merge(args.r, bm, bn, warps, stages, noise=True,
+                                                stochastic=True),
+        "grouped+noise": lambda: compile_group_merge(args.r, bm, bn, warps, stages, noise=True),
+    }
+    for mode, build in variants.items():
+        k = build()
         sass = disassemble(k.asm["cubin"])
         if args.sass_out:
             os.makedirs(args.sass_out, exist_ok=True)
