@@ -1,8 +1,8 @@
 """Where the noise costs: variants of the fused merge's random-number layout, timed on CUDA.
 
-The library's kernel (``kernels/merge.py``) draws one Philox4x32-10 call per four
-consecutive elements and interleaves the four outputs into the tile (``tl.join`` +
-``tl.reshape``), which needs a register shuffle through shared memory. These variants
+Written for the v3-v5 kernel (``bench/NOTES.md``), which drew one Philox4x32-10 call per
+four consecutive elements and interleaved the four outputs into the tile (``tl.join`` +
+``tl.reshape``); the library now draws one call per eight (v8). These variants
 (bf16 W, speed only; their element-to-word maps differ from the library's stream) test:
 
 - ``split4``: the tile is four column sub-tiles; output ``c_q`` of a call feeds sub-tile
