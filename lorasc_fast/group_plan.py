@@ -96,11 +96,17 @@ class CascadePlan:
         for key, idxs in groups.items():
             r_pad = key[4]
             parts = max(1, per_layer // slot(r_pad) // 2)
+            # the launch lasts as long as its longest walk: no factor needs chunks shorter than
+            # the longest factor's, and fewer partials keep the workspace small
+            longest = max(max(self.layers[i].A_slow.shape[1], self.layers[i].B_slow.shape[0])
+                          for i in idxs)
+            walk = -(-longest // parts)
             rows, counts = [], []
             for idx in idxs:
                 L = self.layers[idx]
                 (R, IN), OUT = L.A_slow.shape, L.B_slow.shape[0]
                 split_a, split_b = tp.moment_splits(IN, OUT, parts, self.device)
+                split_a, split_b = min(split_a, -(-IN // walk)), min(split_b, -(-OUT // walk))
                 As, Af, Bs, Bf = (tp.storage(t) for t in (L.A_slow, L.A_fast, L.B_slow, L.B_fast))
                 rows.append(dict(
                     A_s=As.data_ptr(), A_f=Af.data_ptr(), B_s=Bs.data_ptr(), B_f=Bf.data_ptr(),

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import lorasc_fast as lf
-from lorasc_fast.batched import CascadeLayer, cascade_merge_many_
+from lorasc_fast import group_plan
+from lorasc_fast.kernels import cascade_group as cg
+from lorasc_fast.batched import CascadeLayer, cascade_merge_many_, plan_for
 from lorasc_fast.validation import NonFiniteError
 from helpers import clone_layers, snapshot, unchanged
 
@@ -110,3 +112,28 @@ def test_large_rank_takes_the_per_layer_path(gen):
                           scale=ref.scale, noise_lambda=1.0, seed=ref.seed,
                           fan_in_fan_out=ref.fan_in_fan_out, backend="triton")
     assert all(torch.equal(a.W, b.W) for a, b in zip(layers, expected))
+
+
+def test_grouped_moments_split_no_finer_than_the_longest_walk(monkeypatch, gen):
+    """A grouped moments launch lasts as long as its longest walk: shorter factors get no
+    more partials than needed to match it (a smaller workspace), and the stds stay those of
+    the per-layer moments up to fp32 rounding of the partial sums."""
+    monkeypatch.setitem(lf.triton_path.MOMENT_CHUNK, "cpu", 16)
+    monkeypatch.setattr(group_plan, "_WS_FLOATS", 4 * 4 * 272)  # two partials per factor
+    layers = _layers(gen, extra=[(200, 40, 4, False)])
+    plan = plan_for(layers, rounding="nearest", backend="triton")
+    fields = {name: i for i, name in enumerate(cg.GRAM_FIELDS)}
+    walks, lengths = [], []
+    for launch in plan.moment_launches:
+        table = launch["table"].view(-1, len(cg.GRAM_FIELDS))
+        for row in table.tolist():
+            for n, chunk in (("IN", "chunk_a"), ("OUT", "chunk_b")):
+                walks.append(row[fields[chunk]])
+                lengths.append(row[fields[n]])
+    longest = max(walks)
+    assert all(w == n or 2 * w > longest for w, n in zip(walks, lengths)), (walks, lengths)
+    expected = [lf.lowrank_moments(layer.A_slow.clone().mul_(0.7).add_(layer.A_fast, alpha=0.3),
+                                   layer.B_slow.clone().mul_(0.7).add_(layer.B_fast, alpha=0.3),
+                                   layer.scale, backend="triton")[1] for layer in layers]
+    stds = cascade_merge_many_(layers, alpha=0.7, noise_lambda=1.0, backend="triton", plan=plan)
+    torch.testing.assert_close(stds, torch.stack(expected), rtol=1e-5, atol=0)
