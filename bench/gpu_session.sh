@@ -3,8 +3,10 @@
 # from `python bench/ablation.py prepare`), writing everything under OUT. Run from the repo root
 # on a CUDA machine with the project importable (pip install . or PYTHONPATH=$PWD).
 #   bash bench/gpu_session.sh [OUT] [ABLATION_SECONDS] [PARTS]
-# PARTS: any of "tests bench ablation" (default: all three). The ablation resumes from the
-# committed bench/results/ablation/results.jsonl: finished runs are not repeated.
+# PARTS: any of "tests bench ablation profile" (default: the first three). The ablation
+# resumes from the committed bench/results/ablation/results.jsonl: finished runs are not
+# repeated. "profile": device time per kernel of both whole-model boundaries
+# (bench/profile_model.py) and an Nsight Compute profile of the merge modes (bench/ncu_merge.py).
 set -uo pipefail
 out=${1:-bench/results/gpu}
 ablation_s=${2:-250}
@@ -25,6 +27,15 @@ fi
 if [[ $parts == *bench* ]]; then
 timeout 300 python -m lorasc_fast.cli bench --out "$out" > "$out/bench.log" 2>&1
 tail -n 4 "$out/bench.log"
+fi
+if [[ $parts == *profile* ]]; then
+for m in llama2-7b-qv llama3-8b-all; do
+  timeout 90 python bench/profile_model.py --model "$m" >> "$out/profile_models.txt" 2>&1
+done
+timeout 150 ncu --clock-control none -k regex:merge_kernel --launch-skip 3 --launch-count 3 \
+  --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
+  --section LaunchStats --section WarpStateStats python bench/ncu_merge.py > "$out/ncu_merge.txt" 2>&1
+grep -E "Duration|DRAM Throughput|Issue Slots Busy" "$out/ncu_merge.txt" | head -9
 fi
 if [[ $parts == *ablation* ]]; then
 tmp=$(mktemp -d)  # the ablation's tables and plot are rebuilt from its JSONL with `ablation.py report`
