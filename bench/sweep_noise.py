@@ -56,6 +56,27 @@ def _subtile(W, x, Y, rows64, row_ok, col0, N, stride_wm, stride_yk, k, R, words
 
 
 @triton.jit
+def _sub_words(c0, c1, c2, c3, Q: tl.constexpr, HALF: tl.constexpr):
+    """Sub-tile ``Q``'s draws: output ``Q`` of the call, or with ``HALF`` the high (even ``Q``)
+    or low (odd ``Q``) 16 bits of output ``Q // 2``."""
+    OUT: tl.constexpr = Q // 2 if HALF else Q
+    if OUT == 0:
+        word = c0
+    elif OUT == 1:
+        word = c1
+    elif OUT == 2:
+        word = c2
+    else:
+        word = c3
+    if HALF:
+        if Q % 2 == 0:
+            word = word >> 16
+        else:
+            word = word & 0xFFFF
+    return word
+
+
+@triton.jit
 def split_kernel(W, X, Y, M, N, stride_wm, stride_xm, stride_yk, scale, noise_scaled, seed,
                  ROW_PROGRAMS, ITERS, R, R_PAD: tl.constexpr, HAS_DELTA: tl.constexpr,
                  HAS_NOISE: tl.constexpr, SPLIT: tl.constexpr, ROUNDS: tl.constexpr,
@@ -73,39 +94,10 @@ def split_kernel(W, X, Y, M, N, stride_wm, stride_xm, stride_yk, scale, noise_sc
                     mask=row_ok[:, None] & (k[None, :] < R), other=0.0)
         g = (rows64 * N + col0)[:, None] // SPLIT + tl.arange(0, BQ)[None, :].to(tl.int64)
         c0, c1, c2, c3 = _calls(seed, g, ROUNDS)
-        if HALF:
-            _subtile(W, x, Y, rows64, row_ok, col0, N, stride_wm, stride_yk, k, R, c0 >> 16,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, True, PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + BQ, N, stride_wm, stride_yk, k, R,
-                     c0 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
-                     PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + 2 * BQ, N, stride_wm, stride_yk, k, R,
-                     c1 >> 16, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
-                     PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + 3 * BQ, N, stride_wm, stride_yk, k, R,
-                     c1 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
-                     PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + 4 * BQ, N, stride_wm, stride_yk, k, R,
-                     c2 >> 16, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
-                     PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + 5 * BQ, N, stride_wm, stride_yk, k, R,
-                     c2 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
-                     PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + 6 * BQ, N, stride_wm, stride_yk, k, R,
-                     c3 >> 16, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
-                     PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + 7 * BQ, N, stride_wm, stride_yk, k, R,
-                     c3 & 0xFFFF, scale, noise_scaled, HAS_DELTA, HAS_NOISE, True,
-                     PRECISION, BQ, W_KIND)
-        else:
-            _subtile(W, x, Y, rows64, row_ok, col0, N, stride_wm, stride_yk, k, R, c0,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + BQ, N, stride_wm, stride_yk, k, R, c1,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + 2 * BQ, N, stride_wm, stride_yk, k, R, c2,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ, W_KIND)
-            _subtile(W, x, Y, rows64, row_ok, col0 + 3 * BQ, N, stride_wm, stride_yk, k, R, c3,
-                     scale, noise_scaled, HAS_DELTA, HAS_NOISE, False, PRECISION, BQ, W_KIND)
+        for q in tl.static_range(SPLIT):
+            _subtile(W, x, Y, rows64, row_ok, col0 + q * BQ, N, stride_wm, stride_yk, k, R,
+                     _sub_words(c0, c1, c2, c3, q, HALF), scale, noise_scaled, HAS_DELTA,
+                     HAS_NOISE, HALF, PRECISION, BQ, W_KIND)
 
 
 def launch_split(W, X, Y, *, noise, has_delta, split, rounds=10, precision="tf32x3",
