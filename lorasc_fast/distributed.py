@@ -56,7 +56,7 @@ import torch.distributed as dist
 
 from . import ops, reference, torch_path, triton_path
 from . import validation as v
-from .dora import _check_vector, dora_merge_
+from .dora import _validate, dora_merge_
 
 try:  # torch built without distributed support: nothing can be sharded
     from torch.distributed.fsdp import FSDPModule
@@ -253,19 +253,10 @@ class StagedMerge:
     merge_kw: dict  # scale, seed, row_offset, rounding, fan_in_fan_out
 
 
-def _check_merge(W, A, B, magnitude, *, scale, seed, row_offset, rounding, fan_in_fan_out,
-                 backend) -> str:
+def _check_merge(W, A, B, magnitude, *, backend, **kw) -> str:
     """The checks of ``ops.merge_`` / ``dora_merge_`` that read no values (the caller checks
     finiteness and the noise width once the stds are read back); returns the backend."""
-    backend = ops._check_common(W, rounding, seed, row_offset, backend)
-    ops._check_factors(W, A, B, fan_in_fan_out)
-    vectors = {} if magnitude is None else {"magnitude": magnitude}
-    for name, t in vectors.items():
-        _check_vector(name, t, B.shape[0])
-    v.check_same_device(W=W, A=A, B=B, **vectors)
-    v.check_scalar("scale", scale)
-    v.check_no_alias("W", W, A=A, B=B, **vectors)
-    return backend
+    return _validate(W, A, B, backend=backend, finite=False, magnitude=magnitude, **kw)[0]
 
 
 @torch.no_grad()

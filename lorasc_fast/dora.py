@@ -172,8 +172,9 @@ def _check_vector(name, t, n):
 
 
 def _validate(W, A, B, *, rounding="nearest", seed=0, row_offset=0, fan_in_fan_out=False,
-              scale=1.0, noise=0.0, backend=None, **vectors):
-    """All checks of the DoRA ops; returns (backend, scale, noise). Writes nothing."""
+              scale=1.0, noise=0.0, backend=None, finite=True, **vectors):
+    """All checks of the DoRA ops; returns (backend, scale, noise). Writes nothing.
+    ``finite=False``: only the checks that read no values (the caller checks finiteness)."""
     backend = ops._check_common(W, rounding, seed, row_offset, backend)
     ops._check_factors(W, A, B, fan_in_fan_out)
     vectors = {name: t for name, t in vectors.items() if t is not None}
@@ -183,7 +184,8 @@ def _validate(W, A, B, *, rounding="nearest", seed=0, row_offset=0, fan_in_fan_o
     scale = v.check_scalar("scale", scale)
     noise = v.check_scalar("noise", noise, low=0.0)
     v.check_no_alias("W", W, A=A, B=B, **vectors)
-    v.check_finite(A=A, B=B, **vectors)
+    if finite:
+        v.check_finite(A=A, B=B, **vectors)
     return backend, scale, noise
 
 
