@@ -205,20 +205,19 @@ def moments(A, B, scale, *, ema=None) -> torch.Tensor:
 
 
 def ema_(slow: Sequence[torch.Tensor], fast: Sequence[torch.Tensor], alpha: float,
-         skip: torch.Tensor | None = None, check: bool = False) -> torch.Tensor | None:
+         check: bool = False) -> torch.Tensor | None:
     """One launch per (slow dtype, fast dtype) combination; pairs must be contiguous.
 
-    ``skip``: an int32 device flag; when non-zero the kernel writes nothing. ``check``: first
-    queue the non-finite pass over the fast tensors into that flag (created if None); the flag
-    is returned for the caller's one read."""
+    Returns the int32 device flag the launches read (None when there is nothing to update):
+    with ``check`` the non-finite pass over the fast tensors is queued first into it, and a
+    non-zero flag means nothing was written; the caller reads it once."""
     groups: dict = {}
     for s, f in zip(slow, fast):
         if s.numel():
             groups.setdefault((s.dtype, f.dtype), []).append((s, f))
     if not groups:
-        return skip
-    if skip is None:
-        skip = torch.zeros(1, dtype=torch.int32, device=next(iter(groups.values()))[0][0].device)
+        return None
+    skip = torch.zeros(1, dtype=torch.int32, device=next(iter(groups.values()))[0][0].device)
     launches = [ema_launch(pairs) for pairs in groups.values()]
     if check:
         for launch in launches:
