@@ -56,7 +56,8 @@ import torch.distributed as dist
 
 from . import ops, reference, torch_path, triton_path
 from . import validation as v
-from .dora import _validate, dora_merge_
+from . import dora
+from .dora import _validate
 
 try:  # torch built without distributed support: nothing can be sharded
     from torch.distributed.fsdp import FSDPModule
@@ -289,16 +290,15 @@ def commit_merge_(staged: StagedMerge, noise: float) -> None:
     """The writes of a :func:`stage_merge`: the EMA'd values into the slow factors, then
     ``W += scale * B_slow @ A_slow + noise * (U - 1/2)`` on this rank's rows (DoRA: then the
     row norms set to the magnitude). ``noise`` (``noise_lambda * std``) must be finite, as
-    must ``std``: the caller checked both, so nothing here refuses (``dora_merge_`` repeats
-    its checks, one read-back). No collectives."""
+    must ``std``: the caller checked both, so nothing here refuses (the merge runs without
+    ``dora_merge_``'s checks: ``stage_merge`` made them). No collectives."""
     A_slow, B_slow, kw = staged.A_slow, staged.B_slow, staged.merge_kw
     A_slow.copy_(staged.A_ema)
     B_slow.copy_(staged.B_ema)
     if staged.magnitude is None:
         ops._merge(staged.W, A_slow, B_slow, staged.backend, noise=noise, **kw)
     else:
-        dora_merge_(staged.W, A_slow, B_slow, staged.magnitude, noise=noise,
-                    backend=staged.backend, **kw)
+        dora._merge(staged.W, A_slow, B_slow, staged.magnitude, staged.backend, noise=noise, **kw)
 
 
 def add_noise_(W, noise: float, shard: RowShard | None, **kw) -> None:

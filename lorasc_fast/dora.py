@@ -32,7 +32,6 @@ from . import validation as v
 __all__ = ["dora_merge_", "dora_weight_norm", "dora_unmerge_"]
 
 
-
 # ----------------------------------------------------------------------------- spec
 
 def _reference_v(W, A, B, scale, noise, seed, row_offset, fan_in_fan_out, div=None):
@@ -216,15 +215,22 @@ def dora_merge_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: to
         fan_in_fan_out=fan_in_fan_out, scale=scale, noise=noise, backend=backend,
         magnitude=magnitude, weight_norm=weight_norm)
     post = _dora_factor(magnitude, weight_norm) if weight_norm is not None else None
-    kw = dict(scale=scale, noise=noise, seed=seed, row_offset=row_offset, rounding=rounding,
-              fan_in_fan_out=fan_in_fan_out)
+    return _merge(W, A, B, magnitude, backend, weight_norm=weight_norm, post=post, scale=scale,
+                  noise=noise, seed=seed, row_offset=row_offset, rounding=rounding,
+                  fan_in_fan_out=fan_in_fan_out)
+
+
+def _merge(W, A, B, magnitude, backend, *, weight_norm=None, post=None, **kw):
+    """``dora_merge_`` after its checks (``post``: ``magnitude / weight_norm``, already
+    checked finite); ``kw``: scale, noise, seed, row_offset, rounding, fan_in_fan_out."""
     if backend == "reference":
-        V, words = _reference_v(W, A, B, scale, noise, seed, row_offset, fan_in_fan_out)
-        norm = (weight_norm.double() if weight_norm is not None
-                else _reference_norm(V, fan_in_fan_out))
-        return _reference_store(W, V, magnitude.double() / norm, words, rounding, fan_in_fan_out)
+        fifo = kw["fan_in_fan_out"]
+        V, words = _reference_v(W, A, B, kw["scale"], kw["noise"], kw["seed"], kw["row_offset"],
+                                fifo)
+        norm = weight_norm.double() if weight_norm is not None else _reference_norm(V, fifo)
+        return _reference_store(W, V, magnitude.double() / norm, words, kw["rounding"], fifo)
     if backend == "torch":
-        if post is None and fan_in_fan_out:  # output features are stored columns: two passes
+        if post is None and kw["fan_in_fan_out"]:  # output features are stored columns: two passes
             post = magnitude.float() / _torch_pass(W, A, B, write=False, **kw).sqrt()
         _torch_pass(W, A, B, post=post, magnitude=magnitude, **kw)
         return W
