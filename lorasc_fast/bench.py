@@ -53,13 +53,7 @@ def _median_ms(fn, cuda: bool) -> float:
     if cuda:
         import triton
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return _round_robin_ms({"fn": fn}, reps=5)["fn"]
 
 
 def _graph_ms(fn, launches: int = 16) -> float:
