@@ -13,9 +13,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lorasc_fast.batched import CascadeLayer
-from lorasc_fast.bench import model_layers
-from lorasc_fast.group_plan import CascadePlan
+from lorasc_fast.bench import model_cascade_layers, planned_boundary
 
 REPEATS = 5
 
@@ -25,18 +23,8 @@ def main():
     p.add_argument("--model", default="llama2-7b-qv")
     p.add_argument("--out")
     args = p.parse_args()
-    layers = []
-    for n, (o, i, r) in enumerate(model_layers(args.model)):
-        W = torch.randn(o, i, device="cuda", dtype=torch.bfloat16)
-        A, B = torch.randn(r, i, device="cuda") * 0.01, torch.randn(o, r, device="cuda") * 0.01
-        layers.append(CascadeLayer(W, A, B, A.clone(), B.clone(), scale=2.0, seed=n))
-    plan = CascadePlan(layers)
-    seeds = [layer.seed for layer in layers]
-
-    def boundary():
-        plan.launch(1.0, 1.0, seeds)
-        plan.flag.item()
-
+    layers = model_cascade_layers(args.model, torch.device("cuda"))
+    boundary = planned_boundary(layers)
     for _ in range(3):
         boundary()
     torch.cuda.synchronize()

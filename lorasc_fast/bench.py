@@ -240,28 +240,39 @@ def model_layers(kind: str):
     return [(o, i, 16) for _ in range(32) for o, i in per_layer]
 
 
-def bench_model(kind: str, device, bw):
-    cuda = device.type == "cuda"
+def model_cascade_layers(kind: str, device) -> list[CascadeLayer]:
+    """The adapted modules of ``model_layers(kind)``: bf16 W, fp32 factors ~ N(0, 0.01^2)
+    (slow = fast), scale 2, seed = the module's index."""
     layers = []
     for n, (o, i, r) in enumerate(model_layers(kind)):
         W = torch.randn(o, i, device=device, dtype=torch.bfloat16)
-        t = [torch.randn(r, i, device=device) * 0.01, torch.randn(o, r, device=device) * 0.01]
-        layers.append(CascadeLayer(W, t[0], t[1], t[0].clone(), t[1].clone(), scale=2.0, seed=n))
+        A, B = torch.randn(r, i, device=device) * 0.01, torch.randn(o, r, device=device) * 0.01
+        layers.append(CascadeLayer(W, A, B, A.clone(), B.clone(), scale=2.0, seed=n))
+    return layers
+
+
+def planned_boundary(layers):
+    """What a controller holding the plan pays per boundary: a function running
+    ``CascadePlan.launch`` and its one flag read (the plan is built here, once)."""
+    plan = CascadePlan(layers)
+    seeds = [layer.seed for layer in layers]
+
+    def boundary():
+        plan.launch(1.0, 1.0, seeds)
+        plan.flag.item()
+    return boundary
+
+
+def bench_model(kind: str, device, bw):
+    cuda = device.type == "cuda"
+    layers = model_cascade_layers(kind, device)
     wbytes = sum(layer.W.nbytes for layer in layers)
     floor = 2 * wbytes / bw * 1e3
     one_call = lambda: cascade_merge_many_(layers, alpha=1.0, noise_lambda=1.0)  # noqa: E731
     ms_call = _median_ms(one_call, cuda)
     extra = extra_peak_bytes(one_call, cuda)
-    plan = CascadePlan(layers)
-    seeds = [layer.seed for layer in layers]
-
-    def planned():  # what a controller holding the plan pays per boundary
-        plan.launch(1.0, 1.0, seeds)
-        plan.flag.item()
-    ms = _median_ms(planned, cuda)
-    modules = len(layers)
-    del layers, plan
-    return dict(model=kind, modules=modules, weight_gib=wbytes / 2**30,
+    ms = _median_ms(planned_boundary(layers), cuda)
+    return dict(model=kind, modules=len(layers), weight_gib=wbytes / 2**30,
                 ms=ms, ms_one_call=ms_call, floor_ms=floor, bw_frac=floor / ms,
                 bw_frac_one_call=floor / ms_call, extra_mib=None if extra is None else extra / 2**20)
 
