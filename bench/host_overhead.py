@@ -8,6 +8,7 @@ import time
 import torch
 
 from lorasc_fast import ops, triton_path
+from lorasc_fast.bench import qv_adapter_set
 from lorasc_fast import validation as v
 
 
@@ -48,8 +49,7 @@ def main():
         "triton_path.moments (async)": lambda: triton_path.moments(A, B, 2.0),
         "torch add_ (one tiny launch)": lambda: W.add_(1.0),
     }
-    slow = [torch.randn(s, device="cuda") for _ in range(64) for s in ((8, 4096), (4096, 8))]
-    fast = [torch.randn_like(t) for t in slow]
+    slow, fast = qv_adapter_set("cuda")
     pieces.update({
         "ema_, 128 tensors (whole call)": lambda: ops.ema_(slow, fast, 0.8),
         "  check_sequences": lambda: v.check_sequences(slow, fast),

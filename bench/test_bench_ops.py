@@ -11,6 +11,7 @@ import torch
 
 import lorasc_fast as lf
 from lorasc_fast.batched import CascadeLayer, cascade_merge_many_
+from lorasc_fast.bench import qv_adapter_set
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -70,8 +71,7 @@ def test_lowrank_moments(benchmark, layer):
 
 
 def test_ema_adapter_set(benchmark):
-    slow = [torch.randn(s, device=DEVICE) for _ in range(64) for s in ((8, 4096), (4096, 8))]
-    fast = [torch.randn_like(t) for t in slow]
+    slow, fast = qv_adapter_set(DEVICE)
     _run(benchmark, lambda: lf.ema_(slow, fast, 0.8))
 
 

@@ -214,11 +214,16 @@ def bench_case(out_f, in_f, r, dtype, device, bw, with_compile=True, peers_too=T
     return rows
 
 
-def bench_ema(device, bw):
-    """EMA of a Llama-2-7B q,v adapter set: 64 pairs of (8 x 4096, 4096 x 8) fp32."""
-    cuda = device.type == "cuda"
+def qv_adapter_set(device):
+    """(slow, fast) of a Llama-2-7B q,v adapter set: 64 pairs of (8 x 4096, 4096 x 8) fp32 each."""
     slow = [torch.randn(s, device=device) for _ in range(64) for s in ((8, 4096), (4096, 8))]
-    fast = [torch.randn_like(t) for t in slow]
+    return slow, [torch.randn_like(t) for t in slow]
+
+
+def bench_ema(device, bw):
+    """EMA of a Llama-2-7B q,v adapter set (``qv_adapter_set``)."""
+    cuda = device.type == "cuda"
+    slow, fast = qv_adapter_set(device)
     nbytes = 3 * sum(t.nbytes for t in slow)
     floor = nbytes / bw * 1e3
 
