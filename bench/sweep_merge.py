@@ -2,7 +2,7 @@
 
 Times candidate (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES, programs per SM) variants for each mode (merge / merge+noise /
 merge+noise+stochastic) and rank, plus where the time goes (noise alone; per-element
-Philox calls, 4x the work), with CUDA events (median of `lorasc_fast.bench._median_ms`;
+Philox calls, 8x the work), with CUDA events (median of `lorasc_fast.bench._median_ms`;
 W rotated over buffers larger than L2), as a fraction of measured copy bandwidth.
 
     python bench/sweep_merge.py --out bench/results/sweep.json
@@ -43,7 +43,7 @@ def time_merge(rot, A, B, cand, *, noise, stochastic, has_delta=True, aligned8=T
 
 def where_the_time_goes(record, M, N):
     """At the default tile: noise alone, the masked walk (what EVEN saves), and one Philox
-    call per element (4x the generator's work)."""
+    call per element (8x the generator's work: the stream serves eight elements a call)."""
     cand = CANDIDATES[0]
     A = torch.randn(16, N, device="cuda")
     B = torch.randn(M, 16, device="cuda")
