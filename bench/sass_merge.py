@@ -11,7 +11,8 @@ grouped whole-model kernel (``cascade_group.merge_group_kernel``) with noise.
 
 The H200 issues 4 instructions per SM per cycle: at 1.98 GHz over 132 SMs and 32 lanes,
 ``n`` instructions per element of an 8192 x 8192 W cannot take less than
-``n * 8192**2 / (4 * 32 * 132 * 1.98e9)`` seconds (``n = 42``: 84 us; the copy floor is 63 us).
+``n * 8192**2 / (4 * 32 * 132 * 1.98e9)`` seconds (``n = 21.3``, merge + noise at 64 x 128
+tiles: 43 us; the copy floor is 63 us).
 """
 import argparse
 import collections
