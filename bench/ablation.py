@@ -23,11 +23,12 @@ steps (a boundary every steps/k optimizer steps); 5 experts = once per epoch = +
 
 Run count with S=3 seeds: 19 per (task, family) → RT × 3 families 57, TREC × LoRA 19,
 expert frequency 9 (k=5 reused): 85 runs. With the default 4,000 training items a run is
-1,250 optimizer steps (an estimated 8–15 ms each on an H200 in eager mode: MiniLM at batch 16
-is bound by kernel launches) plus ≈ 13k evaluation items at batch 512: ≈ 12–20 s alone, about
-25 process-minutes in all; ``--workers`` processes (one CPU core each) share the GPU, so the
-wall time is expected at 3–6 min. The CPU costs 0.24 s a step (2 cores): ≈ 5 min a run.
-Every record keeps its own seconds, so the first results show the real rate.
+1,250 optimizer steps plus ≈ 13k evaluation items at batch 512. Measured on an H200 with 8
+``--workers`` processes (one CPU core each) sharing it (``results/ablation/results.jsonl``:
+every record keeps its own seconds): 21–53 ms a step (median 28; MiniLM at batch 16 in eager
+mode is bound by kernel launches), 27–71 s a run (median 44), 62 process-minutes in all
+(≈ 8 min of wall time spread over the 8 workers). The CPU costs 0.24 s a step (2 cores):
+≈ 5 min a run.
 
 Usage (all work is resumable: every finished run is one line of ``results.jsonl``, and runs
 already there are skipped; ``--budget-seconds`` starts no run that would not finish in time):
