@@ -5,10 +5,7 @@ Skipped without CUDA (CI). Run on a GPU machine with
 ``LORASC_TEST_GPU=1 pytest -q tests/test_gpu.py`` (the variable keeps conftest from
 switching Triton to its interpreter).
 """
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,13 +15,12 @@ import lorasc_fast as lf
 from lorasc_fast import reference as ref
 from lorasc_fast import stream, triton_path
 from lorasc_fast.bench import extra_peak_bytes
-from helpers import assert_correctly_rounded, fp32_error_bound, rel_error
+from helpers import (DTYPES, assert_correctly_rounded, clone_layers, fp32_error_bound, rel_error,
+                     run_probe)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
     reason="needs CUDA with compiled Triton kernels (LORASC_TEST_GPU=1)")
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _exact(W, A, B, scale, noise, seed, fif):
@@ -92,11 +88,7 @@ def test_stream_gpu_equals_interpreter_and_reference():
     (The interpreter's merge results are held to the torch reference by the CPU suite; the
     GPU's by test_noise_bit_exact_on_gpu. The probe runs only the loop-free stream kernel:
     Triton 3.6's interpreter cannot run loops with runtime bounds under numpy >= 2.3.)"""
-    env = {k: v for k, v in os.environ.items() if k != "LORASC_TEST_GPU"}
-    res = subprocess.run([sys.executable, "-c", INTERPRETER_PROBE], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    interp = json.loads(res.stdout.strip().splitlines()[-1])
+    interp = run_probe(INTERPRETER_PROBE)
     gpu = lf.stream_words(96, 777, seed=31337, row_offset=2**20, device="cuda")
     assert gpu.cpu().reshape(-1).tolist() == interp["words"]
     assert torch.equal(gpu.cpu(), stream.matrix_words(31337, 96, 777, 2**20))
@@ -188,8 +180,7 @@ def test_cascade_many_on_gpu_equals_per_layer(wdtype, grouped, gen):
         W = torch.randn((n, o) if fif else (o, n), generator=gen).to(wdtype).cuda()
         f = [torch.randn(s, generator=gen).cuda() * 0.1 for s in ((r, n), (o, r), (r, n), (o, r))]
         layers.append(CascadeLayer(W, *f, scale=2.0, seed=10 + i, fan_in_fan_out=fif))
-    ref = [CascadeLayer(*(t.clone() for t in (l.W, l.A_slow, l.B_slow, l.A_fast, l.B_fast)),
-                        scale=l.scale, seed=l.seed, fan_in_fan_out=l.fan_in_fan_out) for l in layers]
+    ref = clone_layers(layers)
     stds = cascade_merge_many_(layers, alpha=0.6, noise_lambda=1.0, rounding="stochastic")
     for l, r_, std in zip(layers, ref, stds):
         ref_std = lf.cascade_merge_(r_.W, r_.A_slow, r_.B_slow, r_.A_fast, r_.B_fast, alpha=0.6,
