@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, reference, torch_path, triton_path
+from . import ops, reference
 from .group_plan import CascadePlan, eligible
 from . import validation as v
 
@@ -57,11 +57,10 @@ def plan_for(layers, *, rounding: str = "nearest", backend=None):
     return CascadePlan(layers, rounding=rounding)
 
 
-def _reference_std(layer: CascadeLayer, alpha: float) -> torch.Tensor:
-    """The spec's std of the EMA'd product, from copies of the slow factors."""
-    probe = [t.clone() for t in (layer.A_slow, layer.B_slow)]
-    reference.ema_(probe, [layer.A_fast, layer.B_fast], alpha)
-    return reference.lowrank_moments(probe[0], probe[1], layer.scale)[1]
+def _std(layer: CascadeLayer, alpha: float, backend: str) -> torch.Tensor:
+    """The std of the layer's EMA'd slow product, as ``cascade_merge_`` takes it."""
+    return ops._cascade_std(layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast, alpha,
+                            layer.scale, backend)
 
 
 def _raise_for_std(layers, values) -> None:
@@ -100,7 +99,7 @@ def cascade_merge_many_(layers, *, alpha: float, noise_lambda: float = 0.0,
     if any(nxt[0] < cur[1] for cur, nxt in zip(spans, spans[1:])):
         raise ValueError("two layers share a weight or a slow factor")
     if backend == "reference":  # every std checked on EMA'd copies before the first write
-        _raise_for_std(layers, [float(_reference_std(layer, alpha)) for layer in layers])
+        _raise_for_std(layers, [float(_std(layer, alpha, backend)) for layer in layers])
         return torch.stack([reference.cascade_merge_(
             layer.W, layer.A_slow, layer.B_slow, layer.A_fast, layer.B_fast, alpha=alpha,
             scale=layer.scale, noise_lambda=noise_lambda, seed=layer.seed,
@@ -114,11 +113,7 @@ def cascade_merge_many_(layers, *, alpha: float, noise_lambda: float = 0.0,
         if failed:
             _raise_for_std(layers, values)
         return plan.stds.clone()
-    moments = torch_path.lowrank_moments if backend == "torch" else triton_path.moments
-    stds = torch.stack([
-        moments(layer.A_slow, layer.B_slow, layer.scale,
-                ema=(layer.A_fast, layer.B_fast, alpha))[1].to(layers[0].W.device)
-        for layer in layers])
+    stds = torch.stack([_std(layer, alpha, backend).to(layers[0].W.device) for layer in layers])
     values = stds.cpu().tolist()  # the one sync of the boundary
     _raise_for_std(layers, values)
     ops._ema([t for layer in layers for t in (layer.A_slow, layer.B_slow)],

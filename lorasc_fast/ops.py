@@ -184,21 +184,27 @@ def cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, *, alpha: float, scale: fl
     factors = dict(A_slow=A_slow, B_slow=B_slow, A_fast=A_fast, B_fast=B_fast)
     if backend == "reference":
         v.check_finite(**factors)
-        probe = [t.clone() for t in (A_slow, B_slow)]
-        reference.ema_(probe, [A_fast, B_fast], alpha)
-        _check_std(reference.lowrank_moments(probe[0], probe[1], scale)[1], factors,
-                   "scale * B_slow @ A_slow")
+    # NaN or Inf in any factor reaches the Grams, so a finite std proves finite factors.
+    std = _cascade_std(A_slow, B_slow, A_fast, B_fast, alpha, scale, backend)
+    std_value = _check_std(std, factors, "scale * B_slow @ A_slow")
+    if backend == "reference":
         return reference.cascade_merge_(W, A_slow, B_slow, A_fast, B_fast, alpha=alpha,
                                         noise_lambda=noise_lambda, **kw)
-    # NaN or Inf in any factor reaches the Grams, so a finite std proves finite factors.
-    if backend == "torch":
-        std = torch_path.lowrank_moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
-    else:
-        std = triton_path.moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
-    std_value = _check_std(std, factors, "scale * B_slow @ A_slow")
     _ema([A_slow, B_slow], [A_fast, B_fast], alpha, backend)
     _merge(W, A_slow, B_slow, backend, noise=noise_lambda * std_value, **kw)
     return std
+
+
+def _cascade_std(A_slow, B_slow, A_fast, B_fast, alpha, scale, backend) -> torch.Tensor:
+    """The 0-d fp32 std of the EMA'd slow product ``scale * B_slow @ A_slow``, nothing written:
+    the spec on EMA'd copies of the slow factors, or the backend's moments with the EMA taken
+    on the fly."""
+    if backend == "reference":
+        probe = [t.clone() for t in (A_slow, B_slow)]
+        reference.ema_(probe, [A_fast, B_fast], alpha)
+        return reference.lowrank_moments(probe[0], probe[1], scale)[1]
+    moments = torch_path.lowrank_moments if backend == "torch" else triton_path.moments
+    return moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
 
 
 def _check_std(std: torch.Tensor, factors: dict, what: str) -> float:
