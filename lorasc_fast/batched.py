@@ -66,8 +66,8 @@ def _std(layer: CascadeLayer, alpha: float, backend: str) -> torch.Tensor:
 def _raise_for_std(layers, values) -> None:
     for i, (layer, value) in enumerate(zip(layers, values)):
         try:
-            ops._check_std(torch.tensor(value), dict(A_slow=layer.A_slow, B_slow=layer.B_slow,
-                                                      A_fast=layer.A_fast, B_fast=layer.B_fast),
+            ops._check_std(value, dict(A_slow=layer.A_slow, B_slow=layer.B_slow,
+                                       A_fast=layer.A_fast, B_fast=layer.B_fast),
                            "scale * B_slow @ A_slow")
         except ValueError as e:
             raise type(e)(f"layers[{i}]: {e}") from None

@@ -207,8 +207,9 @@ def _cascade_std(A_slow, B_slow, A_fast, B_fast, alpha, scale, backend) -> torch
     return moments(A_slow, B_slow, scale, ema=(A_fast, B_fast, alpha))[1]
 
 
-def _check_std(std: torch.Tensor, factors: dict, what: str) -> float:
-    """The std as a float; if it is not finite, say whether a factor or fp32 range is to blame."""
+def _check_std(std: torch.Tensor | float, factors: dict, what: str) -> float:
+    """The std (a 0-d tensor or a host float) as a float; if it is not finite, say whether a
+    factor or fp32 range is to blame."""
     value = float(std)
     if value != value or value in (float("inf"), float("-inf")):
         v.check_finite(**factors)
