@@ -58,8 +58,8 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def _rules(adapter_names: list[str], base_names: set[str]):
+    """The renaming rules tried when the names do not match as they are: (label, function)."""
     firsts = lambda names: sorted({n.split(".", 1)[0] for n in names if "." in n})  # noqa: E731
-    yield "as is", lambda n: n
     for p in firsts(adapter_names):
         yield f"drop leading '{p}.'", lambda n, p=p + ".": n[len(p):] if n.startswith(p) else n
     for p in firsts(base_names):
@@ -69,10 +69,10 @@ def _rules(adapter_names: list[str], base_names: set[str]):
 def resolve_names(wanted: dict[str, str], base_names: set[str]) -> dict[str, str]:
     """Map each adapter parameter name (``wanted``: name -> adapter key, for messages) to a base
     tensor name by the one rule that matches all of them."""
-    rules = list(_rules(list(wanted), base_names))
     if all(n in base_names for n in wanted):
         return {n: n for n in wanted}
-    working = [(label, f) for label, f in rules[1:] if all(f(n) in base_names for n in wanted)]
+    working = [(label, f) for label, f in _rules(list(wanted), base_names)
+               if all(f(n) in base_names for n in wanted)]
     if len(working) > 1:
         raise MergeError("adapter keys map onto the base in more than one way ("
                          + "; ".join(label for label, _ in working) + "); refusing to guess")
