@@ -265,7 +265,7 @@ class LoRASC:
         values = _to_cpu(stds).tolist() if stds else []
         for layer, value in zip(layers, values):
             try:
-                ops._check_std(torch.tensor(value), dict(A_slow=layer.A_slow, B_slow=layer.B_slow),
+                ops._check_std(value, dict(A_slow=layer.A_slow, B_slow=layer.B_slow),
                                "scale * B_slow @ A_slow")
             except ValueError as e:
                 raise type(e)(f"{layer.name}: {e}") from None
