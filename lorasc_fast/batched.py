@@ -3,7 +3,8 @@
 Same math as calling ``cascade_merge_`` on every layer, scheduled for throughput. With
 the Triton backend (contiguous factors) the whole boundary is a handful of launches
 (``kernels/cascade_group.py``): grouped moments of every layer's EMA'd slow product, one
-EMA launch, one grouped merge launch per (dtype, rank) group; a non-finite std raises a
+EMA launch per (slow, fast) dtype pair, one grouped merge launch per group of layers with
+the same dtypes, padded rank and layout (``group_plan``); a non-finite std raises a
 device flag that makes every later kernel write nothing, and the host reads the flag
 once at the end. Otherwise the moments of every layer come first, one sync checks them,
 then one ``ema_`` updates every slow pair and one fused merge pass runs per weight.

@@ -7,8 +7,11 @@ upload and a handful of launches, with no host round trip: a non-finite std rais
 device flag that every writing kernel checks first. The tables hold raw addresses, so a
 plan is valid while its tensors stay where they are (``matches(layers)`` checks that).
 
-Memory: tables of ~200 bytes per layer, one workspace for the partial Grams (capped at
-1 MiB in all), the stds and seeds (one float and one int64 per layer).
+Memory: tables of ~380 bytes per layer (38 int64 fields of the moments and merge tables,
+the EMA addresses and sizes, offsets and scales) plus 16 bytes per 1024 factor elements
+(the EMA block table); one workspace for the partial Grams, at most 1 MiB in all unless
+the plan has more layers than two partials each fit in it (~480 at r <= 16); the stds and
+seeds (one float and one int64 per layer).
 """
 from __future__ import annotations
 
