@@ -1,10 +1,11 @@
 """Non-finite check of up to four tensors in one launch: ``FLAG <- 1`` if any element is NaN
 or Inf; the flag is only ever set, so it is zeroed by the caller.
 
-The single-layer ops run it before their write pass and hand ``FLAG`` to that pass, which
-writes nothing when it is set; the host reads the flag once, after both are queued, instead
-of syncing between them. Program ``(i, t)`` reads block ``i`` of tensor ``t`` (contiguous,
-storage kinds as in ``common``). Bytes: each tensor read once. Extra memory: none.
+``merge_`` runs it before its write pass and hands ``FLAG`` to that pass, which writes
+nothing when it is set (``ema_`` checks in its own kernel, ``ema.py``'s ``CHECK`` pass);
+the host reads the flag once, after both are queued, instead of syncing between them.
+Program ``(i, t)`` reads block ``i`` of tensor ``t`` (contiguous, storage kinds as in
+``common``). Bytes: each tensor read once. Extra memory: none.
 """
 import triton
 import triton.language as tl
