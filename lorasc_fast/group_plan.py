@@ -144,8 +144,7 @@ class CascadePlan:
         """``(tile, row_programs, iters, even)`` of one layer's merge: at most
         ``_MAX_PROGRAMS_PER_SM`` programs per SM, each walking at least ``_MIN_ITERS`` row blocks."""
         r_pad = tp._pow2_at_least(L.A_slow.shape[0], 16)
-        tile = {"NUM_STAGES": 1, **tp.merge_config(*L.W.shape, r_pad, self.device)}
-        tile.pop("programs_per_sm", None)
+        tile, _ = tp.merge_tile(*L.W.shape, r_pad, self.device)
         M, N = L.W.shape
         col_blocks = -(-N // tile["BLOCK_N"])
         row_blocks = -(-M // tile["BLOCK_M"])

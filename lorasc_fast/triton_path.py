@@ -94,6 +94,13 @@ def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, programs_per_sm=4)
 
 
+def merge_tile(M: int, N: int, R: int, device: torch.device) -> tuple[dict, int]:
+    """``merge_config`` split into the kernel's meta-parameters (``NUM_STAGES`` 1 unless
+    given) and the programs per SM (8 if not given)."""
+    cfg = {"NUM_STAGES": 1, **merge_config(M, N, R, device)}
+    return cfg, cfg.pop("programs_per_sm", 8)
+
+
 def walk(M: int, N: int, block_m: int, block_n: int, programs: int) -> tuple[int, int, bool]:
     """``(row_programs, iters, even)`` for a column-panel walk over an ``M x N`` W.
 
@@ -131,8 +138,7 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
     if M == 0 or N == 0:
         return
     R = X.shape[1] if has_delta else 1
-    cfg = {"NUM_STAGES": 1, **merge_config(M, N, R, W.device)}
-    default_programs = cfg.pop("programs_per_sm", 8)
+    cfg, default_programs = merge_tile(M, N, R, W.device)
     programs_per_sm = programs_per_sm or default_programs
     row_programs, iters, even = walk(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"],
                                      programs_per_sm * _sm_count(W.device))
