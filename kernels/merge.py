@@ -97,14 +97,10 @@ def merge_kernel(
 ):
     """With ``HAS_FLAG`` nothing is written when the int32 at ``FLAG`` is non-zero (the
     factors' non-finite check, ``finite.py``, queued before this launch)."""
+    run = True
     if HAS_FLAG:
-        if tl.load(FLAG) == 0:
-            merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk,
-                        stride_yn, scale, noise_scaled, seed, row_offset, tl.program_id(0),
-                        tl.program_id(1), ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE,
-                        STOCHASTIC, W_KIND, ALIGNED8, EVEN, False, BLOCK_M, BLOCK_N,
-                        NUM_STAGES)
-    else:
+        run = tl.load(FLAG) == 0
+    if run:
         merge_panel(W, X, Y, M, N, stride_wm, stride_wn, stride_xm, stride_xk, stride_yk,
                     stride_yn, scale, noise_scaled, seed, row_offset, tl.program_id(0),
                     tl.program_id(1), ROW_PROGRAMS, ITERS, R, R_PAD, HAS_DELTA, HAS_NOISE,
