@@ -132,6 +132,14 @@ def noise_from_words(w, noise_scaled):
 
 
 @triton.jit
+def flag_nonfinite(x, FLAG):
+    """``FLAG <- 1`` (an int32) if the tile ``x`` holds a NaN or an Inf; never cleared here."""
+    bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)
+    if bad > 0:
+        tl.store(FLAG, 1)
+
+
+@triton.jit
 def split_tf32(t):
     """``t = hi + lo`` exactly: ``hi`` is ``t`` rounded to TF32's 10 fraction bits (to nearest,
     ties away from zero, like ``cvt.rna.tf32.f32``), so ``|lo| <= 2**-11 |t|``; the tensor

@@ -15,7 +15,7 @@ Extra memory: the small tables.
 import triton
 import triton.language as tl
 
-from .common import as_pointer, load_f32, store_rounded
+from .common import as_pointer, flag_nonfinite, load_f32, store_rounded
 
 
 @triton.jit
@@ -31,10 +31,7 @@ def ema_kernel(SLOW_ADDRS, FAST_ADDRS, NUMELS, BLOCK_TENSOR, BLOCK_START, SKIP, 
     f_ptr = as_pointer(tl.load(FAST_ADDRS + t), F_KIND)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
     if CHECK:
-        f = load_f32(f_ptr + offs, offs < n, F_KIND)
-        bad = tl.max(((f != f) | (tl.abs(f) == float("inf"))).to(tl.int32), axis=0)
-        if bad > 0:
-            tl.store(SKIP, 1)
+        flag_nonfinite(load_f32(f_ptr + offs, offs < n, F_KIND), SKIP)
     else:
         mask = (offs < n) & (tl.load(SKIP) == 0)
         s = load_f32(s_ptr + offs, mask, S_KIND)

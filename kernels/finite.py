@@ -10,16 +10,13 @@ Program ``(i, t)`` reads block ``i`` of tensor ``t`` (contiguous, storage kinds 
 import triton
 import triton.language as tl
 
-from .common import load_f32
+from .common import flag_nonfinite, load_f32
 
 
 @triton.jit
 def _check_block(T, N, pid, FLAG, KIND: tl.constexpr, BLOCK: tl.constexpr):
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x = load_f32(T + offs, offs < N, KIND)
-    bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)
-    if bad > 0:
-        tl.store(FLAG, 1)
+    flag_nonfinite(load_f32(T + offs, offs < N, KIND), FLAG)
 
 
 @triton.jit
