@@ -21,7 +21,8 @@ The Triton kernels (``lorasc_fast.kernels.common``) compute the same words bit f
 bit; this module is the spec they are tested against and the generator of the
 memory-lean torch path. Integer tensors are int64 holding unsigned 32-bit values;
 a 32x32-bit product is split into 16-bit limbs so nothing overflows int64.
-Memory: about ten int64 temporaries of ``n / 8`` elements per call, plus the ``n`` words.
+Memory: per Philox call about ten int64 temporaries of ``n / 8`` elements; at the peak about
+three int64 tensors of ``n`` elements (the words, one call's halves and their stacking).
 """
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ def moments(A, B, scale, *, ema=None) -> torch.Tensor:
     R, IN = A.shape
     OUT = B.shape[0]
     R_PAD = _pow2_at_least(R, 16)
-    slots = max(2, (1 << 16) // (R_PAD * R_PAD + R_PAD))  # workspace <= 256 KiB
+    slots = max(2, (1 << 16) // (R_PAD * R_PAD + R_PAD))  # workspace <= 256 KiB up to r = 128
     split_a, split_b = moment_splits(IN, OUT, slots // 2, A.device)
     chunk_a = -(-IN // split_a)
     chunk_b = -(-OUT // split_b)
