@@ -65,23 +65,24 @@ def _place(half_word, odd, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _field(seed, rows, col0, cols, ncols, C2: tl.constexpr, HIGH: tl.constexpr,
-           ALIGNED8: tl.constexpr):
-    """One 16-bit field (Philox counter word 2 = ``C2``) of a tile, in the high or low half."""
-    BM: tl.constexpr = rows.shape[0]
-    BN: tl.constexpr = cols.shape[0]
+def _field(seed, g, e, C2: tl.constexpr, HIGH: tl.constexpr, ALIGNED8: tl.constexpr):
+    """One 16-bit field (Philox counter word 2 = ``C2``) of every element of a tile, in the
+    high or low half of a uint32, shaped like ``e`` (the int64 stream indices).
+
+    With ``ALIGNED8``, ``g`` holds the group ``e // 8`` of each run of eight consecutive
+    elements along ``e``'s last dimension (``g.shape == e.shape[:-1] + [e.shape[-1] // 8]``,
+    each run starting at a multiple of 8): one Philox call per group, its eight fields
+    placed in slot order. Otherwise each element computes its group's call and keeps its
+    half (``g`` is not read)."""
     if ALIGNED8:
-        g0 = (rows * ncols + col0) // 8
-        g = g0[:, None] + tl.arange(0, BN // 8)[None, :].to(tl.int64)
         c0, c1, c2, c3 = _philox_groups(seed, g, C2)
-        words = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # [BM, BN / 8, 4]: c0 c1 c2 c3
+        words = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # [..., 2, 2]: c0 c1 c2 c3
         if HIGH:
             pair = tl.join(words & 0xFFFF0000, words << 16)
         else:
             pair = tl.join(words >> 16, words & 0xFFFF)
-        return tl.reshape(pair, [BM, BN])  # slot order: c0 high, c0 low, c1 high, ...
+        return tl.reshape(pair, e.shape)  # slot order: c0 high, c0 low, c1 high, ...
     else:
-        e = rows[:, None] * ncols + cols[None, :].to(tl.int64)
         c0, c1, c2, c3 = _philox_groups(seed, e // 8, C2)
         k = (e % 8) // 2
         word = tl.where(k == 0, c0, tl.where(k == 1, c1, tl.where(k == 2, c2, c3)))
@@ -89,24 +90,34 @@ def _field(seed, rows, col0, cols, ncols, C2: tl.constexpr, HIGH: tl.constexpr,
 
 
 @triton.jit
-def stream_words(seed, rows, col0, cols, ncols, ALIGNED8: tl.constexpr,
-                 NOISE: tl.constexpr, ROUNDING: tl.constexpr):
-    """uint32 words of a [len(rows), len(cols)] tile; ``rows`` are global int64 row indices.
+def tile_words(seed, g, e, ALIGNED8: tl.constexpr, NOISE: tl.constexpr,
+               ROUNDING: tl.constexpr):
+    """uint32 words of a tile of any shape, given its int64 stream indices ``e`` (and, with
+    ``ALIGNED8``, the groups ``g`` of ``_field``).
 
     High half: the noise field (one Philox call per 8 elements, counter word 2 = 0), if
     ``NOISE``; low half: the stochastic-rounding field (counter word 2 = 1), if
-    ``ROUNDING``; a field not asked for is zero. With ``ALIGNED8`` (``ncols % 8 == 0``,
-    ``cols == col0 + arange(BN)`` with ``col0`` and ``BN`` multiples of 8) each call serves
-    eight consecutive elements; otherwise each element computes its group's call and keeps
-    its half.
+    ``ROUNDING``; a field not asked for is zero.
     """
     if NOISE:
-        w = _field(seed, rows, col0, cols, ncols, 0, True, ALIGNED8)
+        w = _field(seed, g, e, 0, True, ALIGNED8)
         if ROUNDING:
-            w = w | _field(seed, rows, col0, cols, ncols, 1, False, ALIGNED8)
+            w = w | _field(seed, g, e, 1, False, ALIGNED8)
     else:
-        w = _field(seed, rows, col0, cols, ncols, 1, False, ALIGNED8)
+        w = _field(seed, g, e, 1, False, ALIGNED8)
     return w
+
+
+@triton.jit
+def stream_words(seed, rows, col0, cols, ncols, ALIGNED8: tl.constexpr,
+                 NOISE: tl.constexpr, ROUNDING: tl.constexpr):
+    """``tile_words`` of a [len(rows), len(cols)] tile; ``rows`` are global int64 row indices.
+    ``ALIGNED8``: ``ncols % 8 == 0`` and ``cols == col0 + arange(BN)`` with ``col0`` and
+    ``BN`` multiples of 8."""
+    BN: tl.constexpr = cols.shape[0]
+    g = ((rows * ncols + col0) // 8)[:, None] + tl.arange(0, BN // 8)[None, :].to(tl.int64)
+    e = rows[:, None] * ncols + cols[None, :].to(tl.int64)
+    return tile_words(seed, g, e, ALIGNED8, NOISE, ROUNDING)
 
 
 @triton.jit
