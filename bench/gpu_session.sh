@@ -34,7 +34,8 @@ for m in llama2-7b-qv llama3-8b-all; do
 done
 timeout 150 ncu --clock-control none -k regex:merge_kernel --launch-skip 3 --launch-count 3 \
   --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
-  --section LaunchStats --section WarpStateStats python bench/ncu_merge.py > "$out/ncu_merge.txt" 2>&1
+  --section LaunchStats --section WarpStateStats --section SourceCounters \
+  --section MemoryWorkloadAnalysis python bench/ncu_merge.py > "$out/ncu_merge.txt" 2>&1
 grep -E "Duration|DRAM Throughput|Issue Slots Busy" "$out/ncu_merge.txt" | head -9
 fi
 if [[ $parts == *ablation* ]]; then

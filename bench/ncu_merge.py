@@ -4,7 +4,8 @@
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \\
         python bench/ncu_merge.py [--r 64]
 
-Order of the launches: merge, merge + noise, noise only (after one warm-up of each).
+Order of the launches: merge, merge + noise, merge + noise + stochastic rounding (after one
+warm-up of each).
 """
 import argparse
 
@@ -18,8 +19,9 @@ r = p.parse_args().r
 W = torch.randn(8192, 8192, device="cuda").bfloat16()
 A = torch.randn(r, 8192, device="cuda") * 0.01
 B = torch.randn(8192, r, device="cuda") * 0.01
-args = dict(scale=2.0, seed=1, row_offset=0, rounding="nearest")
-modes = [dict(noise=0.0), dict(noise=0.01), dict(noise=0.01, has_delta=False)]
+args = dict(scale=2.0, seed=1, row_offset=0)
+modes = [dict(noise=0.0, rounding="nearest"), dict(noise=0.01, rounding="nearest"),
+         dict(noise=0.01, rounding="stochastic")]
 for m in modes:  # compile outside the profiled launches
     triton_path.launch_merge(W, B, A, **args, **m)
 torch.cuda.synchronize()

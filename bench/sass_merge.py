@@ -56,15 +56,17 @@ def compile_sm90(fn, types: dict, const: dict, aligned, warps: int, stages: int)
                           options=dict(num_warps=warps, num_stages=stages))
 
 
-def compile_merge(r, block_m, block_n, warps, stages, *, noise, stochastic, w_kind=3):
-    """``merge_kernel`` as ``launch_merge`` calls it on an aligned, tile-divisible W."""
+def compile_merge(r, block_m, block_n, warps, stages, *, noise, stochastic, w_kind=3, ones=()):
+    """``merge_kernel`` as ``launch_merge`` calls it on an aligned, tile-divisible W; the
+    integer arguments named in ``ones`` equal 1 (Triton makes such arguments constants)."""
     types = dict(W={3: "*bf16", 1: "*fp16", 0: "*fp32"}[w_kind], X="*fp32", Y="*fp32",
                  FLAG="*i32", scale="fp32", noise_scaled="fp32")
     const = dict(stride_wn=1, stride_xk=1, stride_yn=1, R=r, R_PAD=max(16, triton.next_power_of_2(r)),
                  HAS_DELTA=True, HAS_NOISE=noise, STOCHASTIC=stochastic, W_KIND=w_kind,
                  ALIGNED8=True, EVEN=True, HAS_FLAG=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                 NUM_STAGES=stages)
-    aligned = ["W", "X", "Y", "FLAG", "M", "N", "stride_wm", "stride_xm", "stride_yk"]
+                 NUM_STAGES=stages, **{name: 1 for name in ones})
+    aligned = [a for a in ("W", "X", "Y", "FLAG", "M", "N", "stride_wm", "stride_xm", "stride_yk")
+               if a not in ones]
     return compile_sm90(merge.merge_kernel, types, const, aligned, warps, stages)
 
 
@@ -75,7 +77,8 @@ def compile_group_merge(r, block_m, block_n, warps, stages, *, noise, layers=64)
     const = dict(NF=len(cascade_group.MERGE_FIELDS), L_PAD=triton.next_power_of_2(layers),
                  R_PAD=max(16, triton.next_power_of_2(r)), HAS_NOISE=noise, STOCHASTIC=False,
                  W_KIND=3, X_KIND=0, Y_KIND=0, ALIGNED8=True, FAN_IN_FAN_OUT=False,
-                 ALIGNED16=True, EVEN=True, BLOCK_M=block_m, BLOCK_N=block_n,
+                 ALIGNED16=True, EVEN=True, FULL_RANK=r == max(16, triton.next_power_of_2(r)),
+                 BLOCK_M=block_m, BLOCK_N=block_n,
                  NUM_STAGES=stages)
     aligned = ["LAYERS", "OFFSETS", "SCALES", "STD", "SEEDS", "FLAG"]
     return compile_sm90(cascade_group.merge_group_kernel, types, const, aligned, warps, stages)

@@ -15,20 +15,21 @@ import triton
 
 from lorasc_fast import bench, triton_path
 
-CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM (round 9: per-8 stream, 64-row tiles)
-    (64, 128, 4, 3, 2), (64, 128, 4, 4, 2), (64, 128, 4, 3, 3), (64, 64, 4, 3, 4),
-    (32, 256, 4, 3, 4), (128, 128, 8, 3, 1), (16, 256, 4, 4, 8),
+CANDIDATES = [  # BLOCK_M, BLOCK_N, warps, stages, programs/SM[, maxnreg] (round 12: carried
+    (64, 64, 4, 3, 4, 128), (64, 64, 4, 4, 4, 128), (64, 64, 4, 3, 4),  # pointers and counters)
+    (64, 128, 4, 3, 2), (64, 128, 4, 4, 2), (128, 128, 8, 3, 1), (128, 64, 8, 3, 2, 128),
 ]
-CANDIDATES_R64 = [  # round 8: around round 7's best, (64, 64, 4, 3, 3)
-    (64, 64, 4, 3, 3), (64, 64, 4, 4, 3), (64, 64, 4, 2, 4), (64, 64, 8, 3, 2),
-    (128, 64, 4, 3, 2), (128, 64, 8, 3, 1), (32, 64, 4, 3, 6), (16, 128, 4, 3, 6)]
+CANDIDATES_R64 = [  # round 11: round 10's best (64 x 64, 4 per SM) against register caps
+    (64, 64, 4, 3, 4), (64, 64, 4, 2, 3, 168), (64, 32, 4, 3, 4), (64, 128, 4, 2, 2)]
 
 
 def time_merge(rot, A, B, cand, *, noise, stochastic, has_delta=True, aligned8=True):
-    bm, bn, warps, stages, pps = cand
+    bm, bn, warps, stages, pps, *maxnreg = cand
     orig = triton_path.merge_config
-    triton_path.merge_config = lambda *a: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                               NUM_STAGES=stages)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, NUM_STAGES=stages)
+    if maxnreg:
+        cfg["maxnreg"] = maxnreg[0]
+    triton_path.merge_config = lambda *a: cfg
 
     def run():
         triton_path.launch_merge(rot.next(), B, A, scale=2.0, noise=noise, seed=1234,

@@ -84,13 +84,16 @@ def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return dict(BLOCK_M=64, BLOCK_N=128, programs_per_sm=8)
     if R <= 32:
-        # rounds 7-8 (bench/results/tuning/h200_sweep7_tiles.json, h200_sweep8*.json): 64 x 128
-        # tiles ran merge + noise 5-12 % faster than 16 x 256 (fewer instructions per element)
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, NUM_STAGES=3, programs_per_sm=2)
+        # round 12 (bench/results/tuning/h200_sweep12*.json): in tile order 64 x 64 tiles at
+        # 4 programs per SM (16 warps; 125 registers uncapped on Triton 3.6, the cap keeps
+        # 4 resident elsewhere) ran merge + noise in 83 us at 8192^2 against 88 us for
+        # 64 x 128 at 2 per SM; merge alone 79 against 76.5 us (one config for all modes)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, maxnreg=128,
+                    programs_per_sm=4)
     # r > 32: the product's 3xTF32 work grows with r; 64 x 64 tiles (round 7: r = 64 merge
     # 180 -> 129 us, + noise 271 -> 217 us against 16 x 128) keep the A panel small. Two
-    # programs fit per SM (98 KB of shared memory each); 4 per SM is a budget of two even
-    # waves (the walk measured in the last bench: 4 x 32 row blocks at 8192 x 8192)
+    # programs fit per SM (82 KB of shared memory each); 4 per SM is a budget of two even
+    # waves (round 11: 117 us merge against 158 us at 3 per SM)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, programs_per_sm=4)
 
 

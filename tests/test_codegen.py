@@ -22,9 +22,21 @@ def loop(kernel, elements):
     ops = sm.loop_body(sm.disassemble(kernel.asm["cubin"]))
     return dict(per_element=len(ops) / elements, ops=collections.Counter(ops))
 
+# the default r <= 32 tile: 64 x 64, 4 warps (32 elements per thread), 3 stages
 print(json.dumps(dict(
-    merge=loop(sm.compile_merge(16, 64, 128, 4, 3, noise=True, stochastic=False), 64),
-    grouped=loop(sm.compile_group_merge(16, 64, 128, 4, 3, noise=True), 64))))
+    merge=loop(sm.compile_merge(16, 64, 64, 4, 3, noise=False, stochastic=False), 32),
+    noise=loop(sm.compile_merge(16, 64, 64, 4, 3, noise=True, stochastic=False), 32),
+    sr=loop(sm.compile_merge(16, 64, 64, 4, 3, noise=True, stochastic=True), 32),
+    grouped=loop(sm.compile_group_merge(16, 64, 64, 4, 3, noise=True), 32))))
+"""
+
+ONES = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import sass_merge as sm
+sm.compile_merge(16, 64, 64, 4, 3, noise=True, stochastic=True,
+                 ones=("ROW_PROGRAMS", "ITERS", "M", "N", "stride_xm", "stride_yk"))
+print("{}")
 """
 
 
@@ -42,10 +54,31 @@ def test_grouped_merge_moves_w_as_16_byte_vectors(loops):
     assert ops.get("STG.E.128", 0) > 0 and ops.get("LDGSTS.E.BYPASS.128", 0) > 0, ops
 
 
-@pytest.mark.parametrize("kernel", ["merge", "grouped"])
-def test_merge_noise_loop_instruction_budget(loops, kernel):
-    """Merge + noise at 64 x 128 tiles: ~21 instructions per element (the copy floor of the
-    H200 allows ~31 at full issue); no per-element NaN guard from tl.dot's tf32x3."""
+@pytest.mark.parametrize("kernel", ["merge", "noise", "sr", "grouped"])
+def test_tile_order_needs_no_layout_conversion(loops, kernel):
+    """In tile order the product, the noise words and the store share one register layout:
+    nothing is written to shared memory inside the loop (the W tile arrives by cp.async)
+    and the only barriers are the pipeline's two. In natural order the noise and the
+    rounded tile each went through shared memory: 10 barriers per tile, 64 -> 79 % of copy
+    bandwidth for merge + noise at 8192^2 on the H200 when removed."""
+    ops = loops[kernel]["ops"]
+    assert not [op for op in ops if op.startswith(("STS", "STSM"))], ops
+    assert ops.get("BAR.SYNC.DEFER_BLOCKING", 0) <= 2, ops
+
+
+@pytest.mark.parametrize("kernel, budget", [("noise", 20), ("sr", 30), ("grouped", 22)])
+def test_merge_noise_loop_instruction_budget(loops, kernel, budget):
+    """Instructions per element of the loop (17-26 on Triton 3.6-3.7; the H200 issued merge +
+    noise at ~2/3 of its peak rate, so each one costs); no per-element NaN guard from
+    tl.dot's tf32x3 (stochastic rounding keeps its own, on the value it rounds)."""
     loop = loops[kernel]
-    assert loop["per_element"] < 26, loop["per_element"]
-    assert loop["ops"].get("FSETP.NAN.AND", 0) == 0, loop["ops"]
+    assert loop["per_element"] < budget, loop["per_element"]
+    if kernel != "sr":
+        assert loop["ops"].get("FSETP.NAN.AND", 0) == 0, loop["ops"]
+
+
+def test_merge_compiles_with_integer_arguments_equal_to_one():
+    """Triton passes an integer argument equal to 1 as a compile-time constant: a walk of one
+    row program (``ROW_PROGRAMS == 1``) once failed to compile on the GPU only."""
+    pytest.importorskip("triton.backends.nvidia")
+    run_probe(ONES, BENCH)
