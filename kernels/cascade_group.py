@@ -74,11 +74,13 @@ def merge_group_kernel(
     HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr, W_KIND: tl.constexpr,
     X_KIND: tl.constexpr, Y_KIND: tl.constexpr, ALIGNED8: tl.constexpr,
     FAN_IN_FAN_OUT: tl.constexpr, ALIGNED16: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    FULL_RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """Rows of W and the slow factors are contiguous (the plan checks): the unit strides are
     compile-time constants, and with ``ALIGNED16`` the row strides and base addresses are
-    declared multiples of 16, so tiles load and store as wide vectors."""
+    declared multiples of 16, so tiles load and store as wide vectors. ``FULL_RANK``: every
+    layer's rank is ``R_PAD``, so X's rows load unmasked. Sizes fit int32 (the plan checks)."""
     layer, local = _find_layer(OFFSETS, tl.program_id(0), L_PAD)
     if tl.load(FLAG) == 0:
         f = LAYERS + layer * NF
@@ -102,10 +104,12 @@ def merge_group_kernel(
             stride_yk, stride_yn = tl.load(f + 9), 1
             if ALIGNED16:
                 stride_yk = tl.multiple_of(stride_yk, 16)
-        merge_panel(W, as_pointer(tl.load(f + 1), X_KIND), Y, tl.load(f + 3), tl.load(f + 4),
+        R = R_PAD if FULL_RANK else tl.load(f + 11)  # a constant: no mask on X's columns
+        merge_panel(W, as_pointer(tl.load(f + 1), X_KIND), Y, tl.load(f + 3).to(tl.int32),
+                    tl.load(f + 4).to(tl.int32),
                     stride_wm, 1, stride_xm, stride_xk, stride_yk, stride_yn,
                     tl.load(SCALES + layer), noise_scaled,
                     tl.load(SEEDS + std_index), tl.load(f + 12), local % col_blocks,
-                    local // col_blocks, tl.load(f + 14), tl.load(f + 15), tl.load(f + 11),
+                    local // col_blocks, tl.load(f + 14), tl.load(f + 15), R,
                     R_PAD, True, HAS_NOISE, STOCHASTIC, W_KIND, ALIGNED8, EVEN, ALIGNED16,
                     BLOCK_M, BLOCK_N, NUM_STAGES)

@@ -21,9 +21,24 @@ import torch
 from . import triton_path as tp
 
 _NATIVE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 3}  # as_pointer kinds
-_WS_FLOATS = 1 << 18  # 1 MiB of partial Grams for the whole plan
+_WS_FLOATS = 7 << 15  # 0.875 MiB of partial Grams for the whole plan (its tables take the rest
+#                      of the 1 MiB budget: ~0.07 MiB for 224 modules)
 _MAX_PROGRAMS_PER_SM = 8
 _MIN_ITERS = 32  # row blocks a program walks at least (fewer programs, longer pipelined walks)
+
+
+def _gram_chunk(lengths, budget: int, shortest: int) -> int:
+    """Rows per Gram partial for factors of these lengths: the shortest chunk (at least
+    ``shortest``) that needs at most ``budget`` partials, one per factor at the least. The
+    launch lasts as long as its longest walk, so the workspace is spent on the long factors
+    (Llama-3's 224 modules: 4096-row chunks instead of 7168, 736 partials)."""
+    def partials(chunk):
+        return sum(-(-n // chunk) for n in lengths)
+    lo, hi = shortest, max(max(lengths), shortest)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if partials(mid) <= budget else (mid + 1, hi)
+    return hi
 
 
 def _table(rows, fields, device) -> torch.Tensor:
@@ -49,8 +64,10 @@ MAX_GROUPED_RANK = 16  # larger ranks: the hoisted A panel overflowed shared mem
 
 
 def eligible(layers) -> bool:
-    """The grouped path needs rows of W, contiguous slow and fast factors and r <= 16."""
+    """The grouped path needs rows of W, contiguous slow and fast factors, r <= 16 and W's
+    sizes below 2**31 (the kernel compares rows and columns in int32)."""
     return all(L.W.stride(1) == 1 and L.A_slow.shape[0] <= MAX_GROUPED_RANK and
+               max(L.W.shape) < 2**31 and
                all(t.is_contiguous() for t in (L.A_slow, L.B_slow, L.A_fast, L.B_fast))
                for L in layers)
 
@@ -98,18 +115,16 @@ class CascadePlan:
                                          L.B_fast.dtype, tp._pow2_at_least(L.A_slow.shape[0], 16)))
         for key, idxs in groups.items():
             r_pad = key[4]
-            parts = max(1, per_layer // slot(r_pad) // 2)
-            # the launch lasts as long as its longest walk: no factor needs chunks shorter than
-            # the longest factor's, and fewer partials keep the workspace small
-            longest = max(max(self.layers[i].A_slow.shape[1], self.layers[i].B_slow.shape[0])
-                          for i in idxs)
-            walk = -(-longest // parts)
+            lengths = [n for i in idxs for n in (self.layers[i].A_slow.shape[1],
+                                                 self.layers[i].B_slow.shape[0])]
+            chunk = _gram_chunk(lengths, per_layer * len(idxs) // slot(r_pad), max(
+                tp.MOMENT_CHUNK["cuda" if self.device.type == "cuda" else "cpu"],
+                -(-max(lengths) // tp.MOMENT_PARTS)))
             rows, counts = [], []
             for idx in idxs:
                 L = self.layers[idx]
                 (R, IN), OUT = L.A_slow.shape, L.B_slow.shape[0]
-                split_a, split_b = tp.moment_splits(IN, OUT, parts, self.device)
-                split_a, split_b = min(split_a, -(-IN // walk)), min(split_b, -(-OUT // walk))
+                split_a, split_b = max(1, -(-IN // chunk)), max(1, -(-OUT // chunk))
                 As, Af, Bs, Bf = (tp.storage(t) for t in (L.A_slow, L.A_fast, L.B_slow, L.B_fast))
                 rows.append(dict(
                     A_s=As.data_ptr(), A_f=Af.data_ptr(), B_s=Bs.data_ptr(), B_f=Bf.data_ptr(),
@@ -145,6 +160,9 @@ class CascadePlan:
         ``_MAX_PROGRAMS_PER_SM`` programs per SM, each walking at least ``_MIN_ITERS`` row blocks."""
         r_pad = tp._pow2_at_least(L.A_slow.shape[0], 16)
         tile, _ = tp.merge_tile(*L.W.shape, r_pad, self.device)
+        # the grouped kernel also holds its layer's table values: capped at the single
+        # kernel's 128 registers it spills, uncapped (~156 at 64 x 64) 3 programs fit per SM
+        tile.pop("maxnreg", None)
         M, N = L.W.shape
         col_blocks = -(-N // tile["BLOCK_N"])
         row_blocks = -(-M // tile["BLOCK_M"])
@@ -158,7 +176,8 @@ class CascadePlan:
         groups = self._groups(lambda L: (L.W.dtype, *(t.dtype for t in self._factors(L)),
                                          tp._pow2_at_least(L.A_slow.shape[0], 16),
                                          L.W.shape[1] % 8 == 0, L.fan_in_fan_out, _aligned16(L),
-                                         walks[id(L)][3]))
+                                         walks[id(L)][3],
+                                         L.A_slow.shape[0] == tp._pow2_at_least(L.A_slow.shape[0], 16)))
         for key, idxs in groups.items():
             tile = walks[id(self.layers[idxs[0]])][0]
             rows, counts = [], []
@@ -185,7 +204,8 @@ class CascadePlan:
                 consts=dict(R_PAD=key[3], STOCHASTIC=self.rounding == "stochastic" and
                             key[0] != torch.float32, W_KIND=tp.STORAGE_KIND[key[0]],
                             X_KIND=_NATIVE[key[1]], Y_KIND=_NATIVE[key[2]], ALIGNED8=key[4],
-                            FAN_IN_FAN_OUT=key[5], ALIGNED16=key[6], EVEN=key[7], **tile)))
+                            FAN_IN_FAN_OUT=key[5], ALIGNED16=key[6], EVEN=key[7],
+                            FULL_RANK=key[8], **tile)))
 
     def launch(self, alpha: float, noise_lambda: float, seeds) -> None:
         """Enqueue one boundary; ``self.flag`` and ``self.stds`` are valid once it has run."""
