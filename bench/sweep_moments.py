@@ -16,6 +16,7 @@ import triton
 from lorasc_fast import bench, triton_path
 
 CHUNKS = [2048, 1024, 512, 256, 128]
+WARPS = [4]  # the finalize's warps (--warps)
 CASES = [(4096, 4096, 8), (8192, 8192, 16), (8192, 8192, 64), (28672, 8192, 16), (4096, 14336, 16)]
 
 
@@ -23,25 +24,35 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results/tuning/sweep_moments.json")
     p.add_argument("--no-models", action="store_true")
+    p.add_argument("--chunks", help="comma-separated chunk sizes (default: %s)" % CHUNKS)
+    p.add_argument("--warps", help="comma-separated finalize warps (default: %s)" % WARPS)
+    p.add_argument("--ranks", help="comma-separated ranks to keep (default: all cases)")
     args = p.parse_args()
+    chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else CHUNKS
+    warps = [int(w) for w in args.warps.split(",")] if args.warps else WARPS
+    cases = [c for c in CASES if not args.ranks or str(c[2]) in args.ranks.split(",")]
     device = torch.device("cuda")
     default = triton_path.MOMENT_CHUNK["cuda"]
+    default_warps = triton_path.FINALIZE_WARPS
     rows = []
-    for out_f, in_f, r in CASES:
+    for out_f, in_f, r in cases:
         A, A_f = (torch.randn(r, in_f, device=device) for _ in range(2))
         B, B_f = (torch.randn(out_f, r, device=device) for _ in range(2))
         for ema in (None, (A_f, B_f, 0.6)):
             want = triton_path.moments(A, B, 2.0, ema=ema)
-            for chunk in CHUNKS:
-                triton_path.MOMENT_CHUNK["cuda"] = chunk
-                got = triton_path.moments(A, B, 2.0, ema=ema)
-                rel = ((got - want).abs() / want.abs()).max().item()
-                us = bench._graph_ms(lambda: triton_path.moments(A, B, 2.0, ema=ema)) * 1e3
-                rows.append(dict(shape=[out_f, in_f], r=r, ema=ema is not None, chunk=chunk,
-                                 us=us, rel_diff_vs_default=rel))
-                print(f"{out_f}x{in_f} r={r:2d} ema={ema is not None!s:5} chunk {chunk:4d}: "
-                      f"{us:7.1f} us (rel. diff {rel:.1e})", flush=True)
+            for chunk in chunks:
+                for w in warps:
+                    triton_path.MOMENT_CHUNK["cuda"] = chunk
+                    triton_path.FINALIZE_WARPS = w
+                    got = triton_path.moments(A, B, 2.0, ema=ema)
+                    rel = ((got - want).abs() / want.abs()).max().item()
+                    us = bench._graph_ms(lambda: triton_path.moments(A, B, 2.0, ema=ema)) * 1e3
+                    rows.append(dict(shape=[out_f, in_f], r=r, ema=ema is not None, chunk=chunk,
+                                     finalize_warps=w, us=us, rel_diff_vs_default=rel))
+                    print(f"{out_f}x{in_f} r={r:2d} ema={ema is not None!s:5} chunk {chunk:4d} "
+                          f"warps {w}: {us:7.1f} us (rel. diff {rel:.1e})", flush=True)
             triton_path.MOMENT_CHUNK["cuda"] = default
+            triton_path.FINALIZE_WARPS = default_warps
     models = []
     if not args.no_models:
         bw = bench.copy_bandwidth(device)

@@ -163,6 +163,10 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
 
 MOMENT_CHUNK = {"cuda": 256, "cpu": 4096}  # rows per Gram partial (bench/sweep_moments.py)
 MOMENT_PARTS = 64  # at most this many partials per factor (longer chunks beyond that)
+# warps of the one-program fp64 finalize: 1, 2, 4, 8 measured within ~1 us of each other at
+# r = 16 (14.9-17.2 us for both launches at 8192^2), 4-8 best at r = 64
+# (bench/results/tuning/h200_sweep_moments_warps.json)
+FINALIZE_WARPS = 4
 
 
 def moment_splits(IN: int, OUT: int, max_parts: int, device: torch.device) -> tuple[int, int]:
@@ -209,7 +213,7 @@ def moments(A, B, scale, *, ema=None) -> torch.Tensor:
     )
     out = torch.empty(2, dtype=torch.float32, device=A.device)
     mom.moments_finalize_kernel[(1,)](ws, out, split_a, split_b, OUT * IN, float(scale),
-                                      R_PAD=R_PAD)
+                                      R_PAD=R_PAD, num_warps=FINALIZE_WARPS)
     return out
 
 
