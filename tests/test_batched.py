@@ -114,24 +114,41 @@ def test_large_rank_takes_the_per_layer_path(gen):
     assert all(torch.equal(a.W, b.W) for a, b in zip(layers, expected))
 
 
-def test_grouped_moments_split_no_finer_than_the_longest_walk(monkeypatch, gen):
-    """A grouped moments launch lasts as long as its longest walk: shorter factors get no
-    more partials than needed to match it (a smaller workspace), and the stds stay those of
-    the per-layer moments up to fp32 rounding of the partial sums."""
+def test_gram_chunk_is_the_shortest_that_fits_the_budget():
+    lengths = [4096, 1024, 1024, 4096, 14336, 14336, 4096] * 4
+    for budget, shortest in ((200, 256), (60, 256), (10, 256), (1000, 256), (200, 1000)):
+        chunk = group_plan._gram_chunk(lengths, budget, shortest)
+        parts = sum(-(-n // chunk) for n in lengths)
+        assert chunk >= shortest
+        if budget >= len(lengths):  # one partial per factor always fits
+            assert parts <= budget, (budget, chunk, parts)
+        else:
+            assert chunk == max(lengths)
+        if chunk > shortest:  # one row less would need more partials than the budget
+            assert sum(-(-n // (chunk - 1)) for n in lengths) > budget or chunk == max(lengths)
+
+
+def test_grouped_moments_spend_the_workspace_on_the_longest_walks(monkeypatch, gen):
+    """A grouped moments launch lasts as long as its longest walk: the plan takes the
+    shortest chunk whose partials fit the workspace, so long factors get several partials
+    and the workspace stays within its budget; the stds stay those of the per-layer
+    moments up to fp32 rounding of the partial sums."""
     monkeypatch.setitem(lf.triton_path.MOMENT_CHUNK, "cpu", 16)
-    monkeypatch.setattr(group_plan, "_WS_FLOATS", 4 * 4 * 272)  # two partials per factor
+    monkeypatch.setattr(group_plan, "_WS_FLOATS", 12 * 4 * 272)  # 12 slots per layer, r_pad 16
     layers = _layers(gen, extra=[(200, 40, 4, False)])
     plan = plan_for(layers, rounding="nearest", backend="triton")
     fields = {name: i for i, name in enumerate(cg.GRAM_FIELDS)}
-    walks, lengths = [], []
+    walks, lengths, parts = [], [], 0
     for launch in plan.moment_launches:
         table = launch["table"].view(-1, len(cg.GRAM_FIELDS))
         for row in table.tolist():
+            parts += row[fields["split_a"]] + row[fields["split_b"]]
             for n, chunk in (("IN", "chunk_a"), ("OUT", "chunk_b")):
                 walks.append(row[fields[chunk]])
                 lengths.append(row[fields[n]])
-    longest = max(walks)
-    assert all(w == n or 2 * w > longest for w, n in zip(walks, lengths)), (walks, lengths)
+    assert parts * 272 <= group_plan._WS_FLOATS and plan.ws.numel() <= group_plan._WS_FLOATS
+    assert max(walks) < max(lengths)  # the 200-row factor is split
+    assert parts > len(lengths)  # the budget is spent on more than one partial per factor
     expected = [lf.lowrank_moments(layer.A_slow.clone().mul_(0.7).add_(layer.A_fast, alpha=0.3),
                                    layer.B_slow.clone().mul_(0.7).add_(layer.B_fast, alpha=0.3),
                                    layer.scale, backend="triton")[1] for layer in layers]
