@@ -65,12 +65,16 @@ def main():
     p.add_argument("--shape", default="8192x8192")
     p.add_argument("--ranks", default="16,64", help="comma-separated ranks to sweep")
     p.add_argument("--no-extras", action="store_true", help="skip the where-the-time-goes rows")
+    p.add_argument("--dtype", default="bfloat16", help="W's dtype (bfloat16, float16, float32)")
+    p.add_argument("--candidates", help="BMxBNxWARPSxSTAGESxPPS[xMAXNREG],... instead of the lists")
     args = p.parse_args()
+    custom = [tuple(map(int, c.split("x"))) for c in args.candidates.split(",")] if args.candidates else None
     device = torch.device("cuda")
     bw = bench.copy_bandwidth(device)
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     M, N = map(int, args.shape.split("x"))
-    rot = bench._Rotation((M, N), torch.bfloat16, device)
+    dtype = getattr(torch, args.dtype)
+    rot = bench._Rotation((M, N), dtype, device)
     rows = []
 
     def record(A, B, r, mode, cand, **kw):
@@ -79,7 +83,7 @@ def main():
         except Exception as e:  # e.g. out of shared memory / registers
             print(f"r={r} {mode} {cand}: {type(e).__name__}", flush=True)
             return
-        frac = 4 * M * N / (ms * 1e-3) / bw
+        frac = 2 * M * N * dtype.itemsize / (ms * 1e-3) / bw
         rows.append(dict(r=r, mode=mode, cand=cand, us=ms * 1e3, bw_frac=frac))
         print(f"r={r:3d} {mode:16s} {cand} {ms * 1e3:7.1f} us {frac:6.1%}", flush=True)
 
@@ -90,7 +94,7 @@ def main():
         A = torch.randn(r, N, device="cuda")
         B = torch.randn(M, r, device="cuda")
         for mode, kw in modes:
-            for cand in CANDIDATES if r == 16 else CANDIDATES_R64:
+            for cand in custom or (CANDIDATES if r == 16 else CANDIDATES_R64):
                 record(A, B, r, mode, cand, **kw)
     if not args.no_extras:
         where_the_time_goes(record, M, N)
@@ -103,7 +107,7 @@ def main():
     for key, row in best.items():
         print(key, row["cand"], f"{row['us']:.1f} us {row['bw_frac']:.1%}")
     with open(args.out, "w") as f:
-        json.dump(dict(copy_bw=bw, shape=args.shape, gpu=torch.cuda.get_device_name(),
+        json.dump(dict(copy_bw=bw, shape=args.shape, dtype=args.dtype, gpu=torch.cuda.get_device_name(),
                        torch=torch.__version__, triton=triton.__version__, rows=rows), f, indent=1)
 
 

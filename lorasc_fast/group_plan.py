@@ -159,7 +159,7 @@ class CascadePlan:
         """``(tile, row_programs, iters, even)`` of one layer's merge: at most
         ``_MAX_PROGRAMS_PER_SM`` programs per SM, each walking at least ``_MIN_ITERS`` row blocks."""
         r_pad = tp._pow2_at_least(L.A_slow.shape[0], 16)
-        tile, _ = tp.merge_tile(*L.W.shape, r_pad, self.device)
+        tile, _ = tp.merge_tile(*L.W.shape, r_pad, self.device, L.W.element_size())
         # the grouped kernel also holds its layer's table values: capped at the single
         # kernel's 128 registers it spills, uncapped (~156 at 64 x 64) 3 programs fit per SM
         tile.pop("maxnreg", None)

@@ -75,14 +75,21 @@ def _pow2_at_least(n: int, floor: int) -> int:
     return p
 
 
-def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
-    """Tile shape, warps, pipelining depth and programs per SM for one merge launch.
+def merge_config(M: int, N: int, R: int, device: torch.device, w_bytes: int = 2) -> dict:
+    """Tile shape, warps, pipelining depth, register cap and programs per SM for one merge
+    launch on a W of ``w_bytes`` per element.
 
     The interpreter costs ~12 ms per program, so it gets large tiles and few programs;
     on the GPU the values come from bench/sweep_merge.py on the H200 (bench/NOTES.md).
+    ``maxnreg`` holds for the unmasked, eight-aligned variants only (``launch_merge``).
     """
     if device.type != "cuda":
         return dict(BLOCK_M=64, BLOCK_N=128, programs_per_sm=8)
+    if R <= 32 and w_bytes == 4:
+        # fp32 W (round 13, h200_sweep13_fp32_*.json): 128 x 64 tiles, 8 warps (177 registers,
+        # one program per SM) ran merge + noise at 8192^2 in 155 us against 168-169 us for
+        # 64 x 64 (capped at 128 registers it spilled) and 64 x 128; merge 142 against 145 us
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=3, programs_per_sm=1)
     if R <= 32:
         # round 12 (bench/results/tuning/h200_sweep12*.json): in tile order 64 x 64 tiles at
         # 4 programs per SM (16 warps; 125 registers uncapped on Triton 3.6, the cap keeps
@@ -97,10 +104,11 @@ def merge_config(M: int, N: int, R: int, device: torch.device) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, programs_per_sm=4)
 
 
-def merge_tile(M: int, N: int, R: int, device: torch.device) -> tuple[dict, int]:
+def merge_tile(M: int, N: int, R: int, device: torch.device,
+               w_bytes: int = 2) -> tuple[dict, int]:
     """``merge_config`` split into the kernel's meta-parameters (``NUM_STAGES`` 1 unless
     given) and the programs per SM (8 if not given)."""
-    cfg = {"NUM_STAGES": 1, **merge_config(M, N, R, device)}
+    cfg = {"NUM_STAGES": 1, **merge_config(M, N, R, device, w_bytes)}
     return cfg, cfg.pop("programs_per_sm", 8)
 
 
@@ -141,10 +149,13 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
     if M == 0 or N == 0:
         return
     R = X.shape[1] if has_delta else 1
-    cfg, default_programs = merge_tile(M, N, R, W.device)
+    cfg, default_programs = merge_tile(M, N, R, W.device, W.element_size())
     programs_per_sm = programs_per_sm or default_programs
     row_programs, iters, even = walk(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"],
                                      programs_per_sm * _sm_count(W.device))
+    aligned8 = aligned8 and N % 8 == 0
+    if not (aligned8 and even):  # masked tiles with stochastic rounding (148 registers) and
+        cfg.pop("maxnreg", None)  # per-element Philox calls (180-255) spill at 128 (sm_90)
     col_blocks = -(-N // cfg["BLOCK_N"])
     if not has_delta:
         X = Y = W  # never read
@@ -156,7 +167,7 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
         R=R, R_PAD=_pow2_at_least(R, 16),
         HAS_DELTA=has_delta, HAS_NOISE=noise != 0.0,
         STOCHASTIC=rounding == "stochastic" and W.dtype != torch.float32,
-        W_KIND=STORAGE_KIND[W.dtype], ALIGNED8=aligned8 and N % 8 == 0, EVEN=even,
+        W_KIND=STORAGE_KIND[W.dtype], ALIGNED8=aligned8, EVEN=even,
         HAS_FLAG=flag is not None, **cfg, **extra,
     )
 
