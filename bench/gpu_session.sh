@@ -6,7 +6,8 @@
 # PARTS: any of "tests bench ablation profile" (default: the first three). The ablation
 # resumes from the committed bench/results/ablation/results.jsonl: finished runs are not
 # repeated. "profile": device time per kernel of both whole-model boundaries
-# (bench/profile_model.py) and an Nsight Compute profile of the merge modes (bench/ncu_merge.py).
+# (bench/profile_model.py), of cascade_merge_ against its parts (bench/profile_cascade.py) and
+# an Nsight Compute profile of the merge modes (bench/ncu_merge.py).
 set -uo pipefail
 out=${1:-bench/results/gpu}
 ablation_s=${2:-250}
@@ -32,6 +33,7 @@ if [[ $parts == *profile* ]]; then
 for m in llama2-7b-qv llama3-8b-all; do
   timeout 90 python bench/profile_model.py --model "$m" >> "$out/profile_models.txt" 2>&1
 done
+timeout 90 python bench/profile_cascade.py --out "$out/profile_cascade.txt" > /dev/null 2>&1
 timeout 150 ncu --clock-control none -k regex:merge_kernel --launch-skip 3 --launch-count 3 \
   --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy \
   --section LaunchStats --section WarpStateStats --section SourceCounters \
