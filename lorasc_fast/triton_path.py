@@ -92,8 +92,8 @@ def merge_config(M: int, N: int, R: int, device: torch.device, w_bytes: int = 2)
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=3, programs_per_sm=1)
     if R <= 32:
         # round 12 (bench/results/tuning/h200_sweep12*.json): in tile order 64 x 64 tiles at
-        # 4 programs per SM (16 warps; 125 registers uncapped on Triton 3.6, the cap keeps
-        # 4 resident elsewhere) ran merge + noise in 83 us at 8192^2 against 88 us for
+        # 4 programs per SM (16 warps; 125 registers uncapped on Triton 3.6, 148 on 3.7.1:
+        # the cap keeps 4 resident there) ran merge + noise in 83 us at 8192^2 against 88 us for
         # 64 x 128 at 2 per SM; merge alone 79 against 76.5 us (one config for all modes)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, maxnreg=128,
                     programs_per_sm=4)
