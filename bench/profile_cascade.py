@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lorasc_fast as lf
+from lorasc_fast.bench import emit
 
 REPEATS = 5
 
@@ -61,11 +62,7 @@ def main():
                      f"{merge + moments:.1f} us; ratio {cascade / (merge + moments):.3f}")
         for name, split in (("cascade_merge_", ck), ("merge_", mk), ("lowrank_moments", mok)):
             lines.append(f"    {name}: " + ", ".join(f"{k[:40]} {v:.1f}" for k, v in split.items()))
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

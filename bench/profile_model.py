@@ -13,7 +13,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lorasc_fast.bench import model_cascade_layers, planned_boundary
+from lorasc_fast.bench import emit, model_cascade_layers, planned_boundary
 
 REPEATS = 5
 
@@ -44,11 +44,7 @@ def main():
             continue
         lines.append(f"{e.key[:60]:60s} {e.count // REPEATS:6d} "
                      f"{e.device_time_total / 1e3 / REPEATS:22.3f}")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

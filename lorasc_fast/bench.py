@@ -283,6 +283,14 @@ def bench_model(kind: str, device, bw):
 
 
 # ---------------------------------------------------------------- report
+def emit(text: str, path: str | None) -> None:
+    """Print a report and, with ``path``, write it there too (the bench/ profiling scripts)."""
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def _environment(device, bw):
     import triton
     import peft
