@@ -33,21 +33,14 @@ from .common import (centred_from_words, dot_3xtf32, load_f32, load_f32_unmasked
 
 
 @triton.jit
-def _tile_index(BLOCK_M: tl.constexpr, NB: tl.constexpr):
-    """Row and column, within a ``BLOCK_M x 32 NB`` tile, of each element of the stacked tile
-    ``[NB * BLOCK_M, 32]``: row ``t % BLOCK_M``, column ``32 (t // BLOCK_M) + c`` at
-    ``(t, c)`` (the tile's 32-column strips stacked). Shapes ``[NB * BLOCK_M, 1]`` and
-    ``[NB * BLOCK_M, 32]``."""
+def _tile_index(BLOCK_M: tl.constexpr, NB: tl.constexpr, STEP: tl.constexpr):
+    """Row and column, within a ``BLOCK_M x 32 NB`` tile, of the stacked tile
+    ``[NB * BLOCK_M, 32 / STEP]`` (the tile's 32-column strips stacked): row ``t % BLOCK_M``,
+    column ``32 (t // BLOCK_M) + STEP c`` at ``(t, c)``. ``STEP`` 1: every element;
+    ``STEP`` 8: the first column of each run of eight (one Philox group). Shapes
+    ``[NB * BLOCK_M, 1]`` and ``[NB * BLOCK_M, 32 / STEP]``."""
     t = tl.arange(0, NB * BLOCK_M)[:, None]
-    return t % BLOCK_M, (t // BLOCK_M) * 32 + tl.arange(0, 32)[None, :]
-
-
-@triton.jit
-def _tile_groups(BLOCK_M: tl.constexpr, NB: tl.constexpr):
-    """The row and first column of each run of eight columns (one Philox group) of the
-    stacked tile: shapes ``[NB * BLOCK_M, 1]`` and ``[NB * BLOCK_M, 4]``."""
-    t = tl.arange(0, NB * BLOCK_M)[:, None]
-    return t % BLOCK_M, (t // BLOCK_M) * 32 + 8 * tl.arange(0, 4)[None, :]
+    return t % BLOCK_M, (t // BLOCK_M) * 32 + STEP * tl.arange(0, 32 // STEP)[None, :]
 
 
 @triton.jit
@@ -111,7 +104,7 @@ def merge_panel(
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 32 == 0, "tile order: 16-row, 32-column units")
     NB: tl.constexpr = BLOCK_N // 32
     col0 = pid_n * BLOCK_N
-    t_row, t_col = _tile_index(BLOCK_M, NB)
+    t_row, t_col = _tile_index(BLOCK_M, NB, 1)
     cols = col0 + t_col
     col_ok = cols < N
     cols64 = cols.to(tl.int64)
@@ -127,9 +120,10 @@ def merge_panel(
     w_ptrs = W + (row0 + t_row).to(tl.int64) * stride_wm + cols64 * stride_wn
     if W_ALIGNED16:
         w_ptrs = tl.multiple_of(w_ptrs, [1, 16])
-    x_ptrs = X + (row0 + _product_rows(BLOCK_M)).to(tl.int64)[:, None] * stride_xm + k[None, :] * stride_xk
-    g_row, g_col = _tile_groups(BLOCK_M, NB)
-    g = ((row_offset + row0 + g_row).to(tl.int64) * N + (col0 + g_col)) // 8
+    x_rows = _product_rows(BLOCK_M)
+    x_ptrs = X + (row0 + x_rows).to(tl.int64)[:, None] * stride_xm + k[None, :] * stride_xk
+    _, g_col = _tile_index(BLOCK_M, NB, 8)
+    g = ((row_offset + row0 + t_row).to(tl.int64) * N + (col0 + g_col)) // 8
     for i in tl.range(0, ITERS, num_stages=NUM_STAGES):
         row0 = (pid_m + i * ROW_PROGRAMS) * BLOCK_M
         if EVEN:
@@ -141,7 +135,7 @@ def merge_panel(
         if HAS_DELTA:
             x_ok = k[None, :] < R  # all true (no predicate) when R == R_PAD is a constant
             if not EVEN:
-                x_ok = x_ok & (row0 + _product_rows(BLOCK_M) < M)[:, None]
+                x_ok = x_ok & (row0 + x_rows < M)[:, None]
             x_hi, x_lo = split_tf32(tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32))
             d = _to_tile_order(dot_3xtf32(x_hi, x_lo, y_hi, y_lo), BLOCK_M, NB)
             v = tl.fma(d, scale, v)
