@@ -41,6 +41,11 @@ def _gram_chunk(lengths, budget: int, shortest: int) -> int:
     return hi
 
 
+def _r_pad(L) -> int:
+    """The rank a layer's kernels are compiled for (its rank padded to a power of two >= 16)."""
+    return tp._pow2_at_least(L.A_slow.shape[0], 16)
+
+
 def _table(rows, fields, device) -> torch.Tensor:
     flat = np.array([[row[f] for f in fields] for row in rows], dtype=np.int64).reshape(-1)
     return torch.from_numpy(flat).to(device)
@@ -112,7 +117,7 @@ class CascadePlan:
         per_layer = max(2, _WS_FLOATS // len(self.layers))
         self.moment_launches, ws_total = [], 0
         groups = self._groups(lambda L: (L.A_slow.dtype, L.A_fast.dtype, L.B_slow.dtype,
-                                         L.B_fast.dtype, tp._pow2_at_least(L.A_slow.shape[0], 16)))
+                                         L.B_fast.dtype, _r_pad(L)))
         for key, idxs in groups.items():
             r_pad = key[4]
             lengths = [n for i in idxs for n in (self.layers[i].A_slow.shape[1],
@@ -158,8 +163,7 @@ class CascadePlan:
     def _walk(self, L):
         """``(tile, row_programs, iters, even)`` of one layer's merge: at most
         ``_MAX_PROGRAMS_PER_SM`` programs per SM, each walking at least ``_MIN_ITERS`` row blocks."""
-        r_pad = tp._pow2_at_least(L.A_slow.shape[0], 16)
-        tile, _ = tp.merge_tile(*L.W.shape, r_pad, self.device, L.W.element_size())
+        tile, _ = tp.merge_tile(*L.W.shape, _r_pad(L), self.device, L.W.element_size())
         # the grouped kernel also holds its layer's table values: capped at the single
         # kernel's 128 registers it spills, uncapped (~156 at 64 x 64) 3 programs fit per SM
         tile.pop("maxnreg", None)
@@ -174,10 +178,9 @@ class CascadePlan:
         self.merge_launches = []
         walks = {id(L): self._walk(L) for L in self.layers}
         groups = self._groups(lambda L: (L.W.dtype, *(t.dtype for t in self._factors(L)),
-                                         tp._pow2_at_least(L.A_slow.shape[0], 16),
-                                         L.W.shape[1] % 8 == 0, L.fan_in_fan_out, _aligned16(L),
-                                         walks[id(L)][3],
-                                         L.A_slow.shape[0] == tp._pow2_at_least(L.A_slow.shape[0], 16)))
+                                         _r_pad(L), L.W.shape[1] % 8 == 0, L.fan_in_fan_out,
+                                         _aligned16(L), walks[id(L)][3],
+                                         L.A_slow.shape[0] == _r_pad(L)))
         for key, idxs in groups.items():
             tile = walks[id(self.layers[idxs[0]])][0]
             rows, counts = [], []
