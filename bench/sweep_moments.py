@@ -3,7 +3,7 @@
 The partials' work split (``triton_path.MOMENT_CHUNK``: rows of A^T / B per program) for
 several shapes and ranks, with and without the EMA on the fly: device time from CUDA-graph
 replay (``bench._graph_ms``), each result checked against the default split; then the
-whole-model boundaries (whose grouped moments use the same split) at each chunk size.
+whole-model boundaries (whose grouped moments use the same minimum chunk) at each chunk size.
 
     python bench/sweep_moments.py --out bench/results/tuning/h200_sweep_moments.json
 """
@@ -56,7 +56,7 @@ def main():
     models = []
     if not args.no_models:
         bw = bench.copy_bandwidth(device)
-        for chunk in (default, 256):
+        for chunk in dict.fromkeys((default, *chunks)):  # the default first, each chunk once
             triton_path.MOMENT_CHUNK["cuda"] = chunk
             for kind in ("llama2-7b-qv", "llama3-8b-all"):
                 m = bench.bench_model(kind, device, bw)
