@@ -58,11 +58,13 @@ def gram_group_kernel(
 
 
 @triton.jit
-def moments_group_kernel(LAYERS, SCALES, WS, STD, FLAG, NF: tl.constexpr, R_PAD: tl.constexpr):
+def moments_group_kernel(LAYERS, SCALES, WS, STD, FLAG, NF: tl.constexpr, R_PAD: tl.constexpr,
+                         VALUES: tl.constexpr):
     layer = tl.program_id(0)
     f = LAYERS + layer * NF
     _, std = moments_from_parts(WS + tl.load(f + 19), tl.load(f + 15), tl.load(f + 16),
-                                tl.load(f + 5) * tl.load(f + 6), tl.load(SCALES + layer), R_PAD)
+                                tl.load(f + 5) * tl.load(f + 6), tl.load(SCALES + layer), R_PAD,
+                                VALUES)
     tl.store(STD + tl.load(f + 20), std.to(tl.float32))
     tl.atomic_max(FLAG, ((std - std) != 0.0).to(tl.int32))  # NaN or Inf
 

@@ -223,7 +223,8 @@ class CascadePlan:
                 **m["kinds"])
             cg.moments_group_kernel[(m["layers"],)](m["table"], m["scales"], self.ws, self.stds,
                                                     self.flag, NF=len(cg.GRAM_FIELDS),
-                                                    R_PAD=m["kinds"]["R_PAD"])
+                                                    R_PAD=m["kinds"]["R_PAD"],
+                                                    VALUES=tp.MOMENT_VALUES)
         for launch in self.ema_launches:
             launch(alpha, self.flag)
         for m in self.merge_launches:

@@ -174,10 +174,11 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
 
 MOMENT_CHUNK = {"cuda": 256, "cpu": 4096}  # rows per Gram partial (bench/sweep_moments.py)
 MOMENT_PARTS = 64  # at most this many partials per factor (longer chunks beyond that)
-# warps of the one-program fp64 finalize: 1, 2, 4, 8 measured within ~1 us of each other at
-# r = 16 (14.9-17.2 us for both launches at 8192^2), 4-8 best at r = 64
-# (bench/results/tuning/h200_sweep_moments_warps.json)
-FINALIZE_WARPS = 4
+# partial values per factor that the fp64 finalize adds per step (kernels/moments.py): 8192
+# (one step at 8192^2, r = 16) took the one-launch moments there from 14.2 to 12.1 us; faster
+# in 6 of the 8 r <= 16 cases at 256-row chunks, 0.3-1.1 us slower at 4096^2, r = 8
+# (bench/results/tuning/h200_moments_one_launch.json)
+MOMENT_VALUES = 8192
 
 
 def moment_splits(IN: int, OUT: int, max_parts: int, device: torch.device) -> tuple[int, int]:
@@ -185,7 +186,7 @@ def moment_splits(IN: int, OUT: int, max_parts: int, device: torch.device) -> tu
     ``MOMENT_CHUNK`` rows (fewer, longer ones in the interpreter), at most
     ``min(max_parts, MOMENT_PARTS)`` per factor. On the H200 (``bench/sweep_moments.py``)
     256-row chunks took 8192 x 8192, r = 16 from 45 us (2048) to 14 us; past ~64 partials
-    the one-program fp64 finalize costs more than the shorter chunks save."""
+    the last program's fp64 finalize costs more than the shorter chunks save."""
     chunk = MOMENT_CHUNK["cuda" if device.type == "cuda" else "cpu"]
     cap = min(max_parts, MOMENT_PARTS)
     return max(1, min(cap, -(-IN // chunk))), max(1, min(cap, -(-OUT // chunk)))
@@ -195,6 +196,20 @@ def moment_block(r_pad: int, device: torch.device) -> int:
     """Rows per step of a Gram partial: the 3xTF32 operands take ``32 * r_pad * block``
     bytes of shared memory, so 64 KiB at any rank on the GPU (128 rows at r <= 16)."""
     return max(16, 2048 // r_pad) if device.type == "cuda" else 64
+
+
+_COUNTERS: dict = {}
+
+
+def arrival_counter(device: torch.device) -> torch.Tensor:
+    """The int32 arrival counter of ``moments_kernel`` for the current stream of ``device``:
+    zero between launches (the last program of each launch resets it), one per stream so
+    launches on different streams never share one. 4 bytes, kept for the process."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def moments(A, B, scale, *, ema=None) -> torch.Tensor:
@@ -213,18 +228,16 @@ def moments(A, B, scale, *, ema=None) -> torch.Tensor:
         A_f, B_f, alpha = A, B, 1.0
     else:
         A_f, B_f, alpha = ema
-    mom.gram_partial_kernel[(split_a + split_b,)](
-        storage(A), storage(A_f), storage(B), storage(B_f), ws, R, IN, OUT,
-        A.stride(0), A.stride(1), A_f.stride(0), A_f.stride(1),
+    out = torch.empty(2, dtype=torch.float32, device=A.device)
+    mom.moments_kernel[(split_a + split_b,)](
+        storage(A), storage(A_f), storage(B), storage(B_f), ws, arrival_counter(A.device), out,
+        R, IN, OUT, A.stride(0), A.stride(1), A_f.stride(0), A_f.stride(1),
         B.stride(0), B.stride(1), B_f.stride(0), B_f.stride(1),
-        float(alpha), split_a, chunk_a, chunk_b,
+        float(alpha), split_a, split_b, chunk_a, chunk_b, OUT * IN, float(scale),
         EMA=ema is not None, A_KIND=STORAGE_KIND[A.dtype], AF_KIND=STORAGE_KIND[A_f.dtype],
         B_KIND=STORAGE_KIND[B.dtype], BF_KIND=STORAGE_KIND[B_f.dtype], R_PAD=R_PAD,
-        BLOCK=moment_block(R_PAD, A.device),
+        BLOCK=moment_block(R_PAD, A.device), VALUES=MOMENT_VALUES,
     )
-    out = torch.empty(2, dtype=torch.float32, device=A.device)
-    mom.moments_finalize_kernel[(1,)](ws, out, split_a, split_b, OUT * IN, float(scale),
-                                      R_PAD=R_PAD, num_warps=FINALIZE_WARPS)
     return out
 
 

@@ -94,6 +94,31 @@ def test_stream_gpu_equals_interpreter_and_reference():
     assert torch.equal(gpu.cpu(), stream.matrix_words(31337, 96, 777, 2**20))
 
 
+def test_moments_one_launch_is_deterministic_on_gpu(gen):
+    """Whichever Gram program arrives last adds the partials in the same order: repeated
+    launches, a launch on another stream and CUDA-graph replays give the same bits, and each
+    stream's arrival counter is back at zero."""
+    A = torch.randn(16, 8192, generator=gen).cuda()
+    B = torch.randn(8192, 16, generator=gen).cuda()
+    first = triton_path.moments(A, B, 2.0)
+    for _ in range(20):
+        assert torch.equal(triton_path.moments(A, B, 2.0), first)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        other = triton_path.moments(A, B, 2.0)
+        counter = triton_path.arrival_counter(A.device)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(other, first) and counter.item() == 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = triton_path.moments(A, B, 2.0)
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(replayed, first)
+    assert triton_path.arrival_counter(A.device).item() == 0
+
+
 @pytest.mark.parametrize("r", [1, 16, 64])
 def test_moments_ema_cascade_on_gpu(r, gen):
     A_s, A_f = (torch.randn(r, 4096, generator=gen).cuda() for _ in range(2))

@@ -182,6 +182,18 @@ def test_moments_independent_of_the_split(chunk, r, monkeypatch, gen):
     assert abs(std.item() - M.std().item()) <= 1e-5 * M.std().item()
 
 
+def test_moments_last_program_resets_the_counter(monkeypatch, gen):
+    """The one-launch moments: the program that arrives last adds the partials and leaves the
+    stream's arrival counter at zero, so back-to-back calls give the same result."""
+    A, B = rand_factors(300, 177, 5, gen=gen)
+    monkeypatch.setitem(triton_path.MOMENT_CHUNK, "cpu", 64)
+    first = triton_path.moments(A, B, 0.7)
+    counter = triton_path.arrival_counter(A.device)
+    assert counter.item() == 0
+    assert torch.equal(triton_path.moments(A, B, 0.7), first)
+    assert counter.item() == 0 and triton_path.arrival_counter(A.device) is counter
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("r", [1, 3, 16, 64])
 @pytest.mark.parametrize("fdtype", [torch.float32, torch.bfloat16])
