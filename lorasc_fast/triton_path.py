@@ -75,9 +75,10 @@ def _pow2_at_least(n: int, floor: int) -> int:
     return p
 
 
-def merge_config(M: int, N: int, R: int, device: torch.device, w_bytes: int = 2) -> dict:
+def merge_config(M: int, N: int, R: int, device: torch.device, w_bytes: int = 2,
+                 noise: bool = True) -> dict:
     """Tile shape, warps, pipelining depth, register cap and programs per SM for one merge
-    launch on a W of ``w_bytes`` per element.
+    launch on a W of ``w_bytes`` per element, with or without ``noise``.
 
     The interpreter costs ~12 ms per program, so it gets large tiles and few programs;
     on the GPU the values come from bench/sweep_merge.py on the H200 (bench/NOTES.md).
@@ -86,9 +87,12 @@ def merge_config(M: int, N: int, R: int, device: torch.device, w_bytes: int = 2)
     if device.type != "cuda":
         return dict(BLOCK_M=64, BLOCK_N=128, programs_per_sm=8)
     if R <= 32 and w_bytes == 4:
-        # fp32 W (round 13, h200_sweep13_fp32_*.json): 128 x 64 tiles, 8 warps (177 registers,
-        # one program per SM) ran merge + noise at 8192^2 in 155 us against 168-169 us for
-        # 64 x 64 (capped at 128 registers it spilled) and 64 x 128; merge 142 against 145 us
+        # fp32 W (round 15, h200_sweep15_fp32_*.json): with noise 64 x 64 tiles, 4 warps,
+        # 2 programs per SM, no register cap: 142.8 us at 8192^2 (89 %) against 154.0 us for
+        # round 13's 128 x 64, 8 warps, 1 per SM (64 x 64 capped at 128 registers spills);
+        # the merge alone keeps the latter (142.4 against 145.4 us)
+        if noise:
+            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, NUM_STAGES=3, programs_per_sm=2)
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, NUM_STAGES=3, programs_per_sm=1)
     if R <= 32:
         # round 12 (bench/results/tuning/h200_sweep12*.json): in tile order 64 x 64 tiles at
@@ -105,10 +109,10 @@ def merge_config(M: int, N: int, R: int, device: torch.device, w_bytes: int = 2)
 
 
 def merge_tile(M: int, N: int, R: int, device: torch.device,
-               w_bytes: int = 2) -> tuple[dict, int]:
+               w_bytes: int = 2, noise: bool = True) -> tuple[dict, int]:
     """``merge_config`` split into the kernel's meta-parameters (``NUM_STAGES`` 1 unless
     given) and the programs per SM (8 if not given)."""
-    cfg = {"NUM_STAGES": 1, **merge_config(M, N, R, device, w_bytes)}
+    cfg = {"NUM_STAGES": 1, **merge_config(M, N, R, device, w_bytes, noise)}
     return cfg, cfg.pop("programs_per_sm", 8)
 
 
@@ -149,7 +153,7 @@ def launch_merge(W, X, Y, *, scale, noise, seed, row_offset, rounding, has_delta
     if M == 0 or N == 0:
         return
     R = X.shape[1] if has_delta else 1
-    cfg, default_programs = merge_tile(M, N, R, W.device, W.element_size())
+    cfg, default_programs = merge_tile(M, N, R, W.device, W.element_size(), noise != 0.0)
     programs_per_sm = programs_per_sm or default_programs
     row_programs, iters, even = walk(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"],
                                      programs_per_sm * _sm_count(W.device))
