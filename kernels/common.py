@@ -13,8 +13,14 @@ the hardware conversion (``cvt.rn.bf16x2.f32``, two elements per instruction) ro
 same way, instead of ~7 integer operations per element. The two differ only in the bit
 pattern of a NaN result (0x7FC0 with kind 2, the hardware's canonical NaN with kind 3).
 """
+import os
+
 import triton
 import triton.language as tl
+
+# PTX (``centred_from_words``) everywhere but in Triton's interpreter, which is switched on
+# before the kernels are imported (lorasc_fast.triton_path)
+FUNNEL_SHIFT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 KIND_FP32: tl.constexpr = 0
 KIND_FP16: tl.constexpr = 1
@@ -121,25 +127,37 @@ def stream_words(seed, rows, col0, cols, ncols, ALIGNED8: tl.constexpr,
 
 
 @triton.jit
-def centred_from_words(w):
+def centred_from_words(w, LOW_ZERO: tl.constexpr):
     """fp32 ``hi - 32767.5`` (exact) with ``hi = w >> 16``, so ``U - 0.5 = centred / 2**16``.
 
     ``hi`` becomes a float without an int -> float conversion: its 16 bits are placed at
     the top of the mantissa of 2**16 (``2**16 + hi`` exactly), and subtracting
     ``2**16 + 32767.5`` is exact, so the value is the same as ``hi.to(float32) - 32767.5``.
+
+    ``LOW_ZERO``: ``w``'s low half is zero (no stochastic-rounding field in it). On the GPU
+    the float's bits are then one funnel shift, ``(0x8F : w) >> 9`` (``SHF.R.W``: the
+    exponent of 2**16 comes in from the left), instead of a shift, a mask and an or — the
+    same bits, one instruction per element less (``bench/sass_merge.py``). The interpreter
+    (``TRITON_INTERPRET=1``, no PTX) always takes the integer form.
     """
-    f = (((w >> 9) & 0x007FFF80) | 0x47800000).to(tl.float32, bitcast=True)
-    return f - 98303.5
+    if FUNNEL_SHIFT:
+        if not LOW_ZERO:
+            w = w & 0xFFFF0000
+        bits = tl.inline_asm_elementwise("shf.r.wrap.b32 $0, $1, 0x8F, 9;", "=r,r", [w],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        bits = ((w >> 9) & 0x007FFF80) | 0x47800000
+    return bits.to(tl.float32, bitcast=True) - 98303.5
 
 
 @triton.jit
-def noise_from_words(w, noise_scaled):
+def noise_from_words(w, noise_scaled, LOW_ZERO: tl.constexpr):
     """fp32 ``noise * (U - 0.5)`` with ``U = ((w >> 16) + 0.5) / 2**16``.
 
     ``noise_scaled`` is ``noise / 2**16``; since that scaling is exact, the product
     equals ``((hi - 32767.5) / 2**16) * noise`` bit for bit (``lorasc_fast.stream``).
     """
-    return centred_from_words(w) * noise_scaled
+    return centred_from_words(w, LOW_ZERO) * noise_scaled
 
 
 @triton.jit

@@ -70,7 +70,7 @@ def _v_tile(W, X, Y, m0, rows, row_ok, div, x_hi, x_lo, n0, M, N,
     else:
         words = 0  # not read: nearest rounding, no noise
     if HAS_NOISE:
-        v = v + noise_from_words(words, noise_scaled)
+        v = v + noise_from_words(words, noise_scaled, not ROUNDING)
     v = tl.where(mask, v, 0.0)
     return v, words, w_ptrs, mask
 

@@ -145,9 +145,9 @@ def merge_panel(
         else:
             words = 0  # not read: nearest rounding, no noise
         if HAS_NOISE and HAS_DELTA:
-            v = tl.fma(centred_from_words(words), noise_scaled, v)
+            v = tl.fma(centred_from_words(words, not STOCHASTIC), noise_scaled, v)
         elif HAS_NOISE:  # add_noise_: W + noise, two roundings as in the spec
-            v = v + noise_from_words(words, noise_scaled)
+            v = v + noise_from_words(words, noise_scaled, not STOCHASTIC)
         store_rounded(w_ptrs, v, mask, words, W_KIND, STOCHASTIC)
         w_ptrs += row_step * stride_wm
         x_ptrs += row_step * stride_xm

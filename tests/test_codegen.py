@@ -66,15 +66,23 @@ def test_tile_order_needs_no_layout_conversion(loops, kernel):
     assert ops.get("BAR.SYNC.DEFER_BLOCKING", 0) <= 2, ops
 
 
-@pytest.mark.parametrize("kernel, budget", [("noise", 20), ("sr", 30), ("grouped", 22)])
+@pytest.mark.parametrize("kernel, budget", [("noise", 18), ("sr", 27), ("grouped", 19.5)])
 def test_merge_noise_loop_instruction_budget(loops, kernel, budget):
-    """Instructions per element of the loop (17-26 on Triton 3.6-3.7; the H200 issued merge +
-    noise at ~2/3 of its peak rate, so each one costs); no per-element NaN guard from
-    tl.dot's tf32x3 (stochastic rounding keeps its own, on the value it rounds)."""
+    """Instructions per element of the loop (merge + noise 16.3 on Triton 3.6, 17.1 on 3.7.1;
+    stochastic rounding 24.7 / 26.0; the H200 issued merge + noise at ~2/3 of its peak rate,
+    so each one costs); no per-element NaN guard from tl.dot's tf32x3 (stochastic rounding
+    keeps its own, on the value it rounds)."""
     loop = loops[kernel]
     assert loop["per_element"] < budget, loop["per_element"]
     if kernel != "sr":
         assert loop["ops"].get("FSETP.NAN.AND", 0) == 0, loop["ops"]
+
+
+@pytest.mark.parametrize("kernel", ["noise", "sr", "grouped"])
+def test_noise_field_is_one_funnel_shift_per_element(loops, kernel):
+    """The noise field becomes a float's bits with one ``SHF.R.W`` per element (32 per thread
+    and tile), not a shift, a mask and an or (``common.centred_from_words``)."""
+    assert loops[kernel]["ops"].get("SHF.R.W.U32", 0) >= 32, loops[kernel]["ops"]
 
 
 def test_merge_compiles_with_integer_arguments_equal_to_one():
