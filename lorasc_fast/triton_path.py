@@ -208,7 +208,9 @@ _COUNTERS: dict = {}
 def arrival_counter(device: torch.device) -> torch.Tensor:
     """The int32 arrival counter of ``moments_kernel`` for the current stream of ``device``:
     zero between launches (the last program of each launch resets it), one per stream so
-    launches on different streams never share one. 4 bytes, kept for the process."""
+    concurrent launches on different streams never share one (a captured CUDA graph keeps
+    its capture stream's counter, like its workspace: its replays must not overlap each
+    other). 4 bytes, kept for the process."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     if key not in _COUNTERS:
