@@ -138,13 +138,14 @@ class SameMath:
 
     def step(self, values, boundary: int, device):
         from lorasc_fast.cascade import NOISE, stream_seed
-        from lorasc_fast.distributed import cascade_merge_
+        from lorasc_fast.distributed import commit_merge_, stage_merge
         c = self.ctrl
         for i, ((W, A_s, B_s, shard, scale), (A, B)) in enumerate(zip(self.layers, values)):
-            cascade_merge_(W, A_s, B_s, A.to(device, W.dtype), B.to(device, W.dtype), shard=shard,
-                           alpha=c.alpha, scale=scale, noise_lambda=c.noise_lambda,
-                           seed=stream_seed(c.seed, boundary, i, NOISE), rounding=c.rounding,
-                           fan_in_fan_out=False)
+            staged = stage_merge(W, A_s, B_s, A.to(device, W.dtype), B.to(device, W.dtype),
+                                 shard=shard, alpha=c.alpha, scale=scale,
+                                 seed=stream_seed(c.seed, boundary, i, NOISE),
+                                 rounding=c.rounding, fan_in_fan_out=False)
+            commit_merge_(staged, c.noise_lambda * float(staged.std))
 
 
 def sync(device):

@@ -27,6 +27,8 @@ import copy
 import json
 import os
 import socket
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -361,3 +363,20 @@ def test_moments_of_row_shards(results):
         for row_factor in ("A", "B"):
             assert res["moments"][row_factor] == {"same_on_every_rank": True,
                                                   "equals_single_process": True}, row_factor
+
+
+def test_fsdp_step_benchmark_runs(tmp_path):
+    """``bench/fsdp_step.py`` (the GPU check, run by hand on two GPUs) on two CPU processes:
+    the sharded boundary equals the single-process one and the sharded algorithm on whole
+    matrices, and the model trains after it. It once imported an op the distributed module no
+    longer had, which only a run on GPUs found (rank 0 died, rank 1 waited in a collective)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "fsdp_step.py")
+    out = tmp_path / "fsdp_step.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           script, "--device", "cpu", "--hidden", "64", "--layers", "1", "--iters", "1",
+           "--warmup", "0", "--check-boundaries", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, res in json.loads(out.read_text())["results"].items():
+        assert res["equal_single_gpu"] and res["equal_same_math"] and res["trains_after"], name
